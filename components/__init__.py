@@ -1,0 +1,1 @@
+"""flare-lora: federated LoRA fine-tuning components for NVIDIA FLARE."""

@@ -1,0 +1,1 @@
+"""Pure-torch federated LoRA math (no nvflare import): stacking, averaging, merging."""

@@ -1,0 +1,1 @@
+"""Site data: JSONL loading, embedded default tasks, splitting, prompt encoding."""

@@ -1,0 +1,1 @@
+"""FLARE glue: controller, recipe, client script. Thin; calls components.algorithms."""

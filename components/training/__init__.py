@@ -1,0 +1,1 @@
+"""Client-side training: model loading, LoRA setup, local train/eval loop."""
