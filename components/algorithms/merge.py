@@ -1,0 +1,66 @@
+"""Merging LoRA updates into base weights, and fingerprinting the result.
+
+FLoRA sites fold every stacked round into their base weights in round order. Merging is
+deterministic elementwise work, so a site that catches up on missed rounds ends bit-identical to
+one that merged them as they came, which `weights_digest` lets the server verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, MutableMapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, module_prefixes
+
+BASE_PREFIX = "base_model.model."
+
+
+def base_weight_name(prefix: str) -> str:
+    """PEFT module prefix -> name of the adapted weight in the base model."""
+    return prefix.removeprefix(BASE_PREFIX) + ".weight"
+
+
+def lora_delta(state: Mapping[str, Tensor], scaling: float = 1.0) -> dict[str, Tensor]:
+    """{base weight name: scaling * B @ A}, in float32 whatever the factors' dtype."""
+    return {
+        base_weight_name(p): scaling
+        * (state[p + LORA_B_SUFFIX].float() @ state[p + LORA_A_SUFFIX].float())
+        for p in module_prefixes(state)
+    }
+
+
+@torch.no_grad()
+def merge_lora_into(
+    weights: MutableMapping[str, Tensor], state: Mapping[str, Tensor], scaling: float = 1.0
+) -> None:
+    """In place, W += scaling * B @ A for every module (works on a model's named_parameters())."""
+    for name, delta in lora_delta(state, scaling).items():
+        if name not in weights:
+            raise KeyError(f"base weight {name} not found for its LoRA module")
+        w = weights[name]
+        if w.shape != delta.shape:
+            raise ValueError(
+                f"{name}: weight shape {tuple(w.shape)}, LoRA delta {tuple(delta.shape)}"
+            )
+        w.add_(delta.to(device=w.device, dtype=w.dtype))
+
+
+def merge_rounds_into(
+    weights: MutableMapping[str, Tensor], rounds: Sequence[Mapping[str, Tensor]]
+) -> None:
+    """Merge stacked rounds in order, each with scaling 1 (how sites catch up on missed rounds)."""
+    for state in rounds:
+        merge_lora_into(weights, state)
+
+
+def weights_digest(weights: Mapping[str, Tensor]) -> str:
+    """SHA-256 over sorted names, dtypes, shapes and raw bytes: sites with equal weights agree."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
