@@ -1,0 +1,246 @@
+"""Site data: JSONL validation, prompt masking, default tasks, splitting and the split CLI."""
+
+import collections
+import csv
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from components.data.prompts import collate, encode, exact_match, format_prompt, normalize_answer
+from components.data.records import DataError, has_reference, load_jsonl, write_jsonl
+from components.data.site_data import load_site_data
+from components.data.split import dirichlet_split, split_by_field
+from components.data.synthetic import DEFAULT_TASKS, default_site_data
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO.parent / "shared" / "data" / "smollm2-135m-instruct-q4_1"
+RECORD = {"instruction": "Reply with only the larger number.", "input": "12 40", "output": "40"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def test_load_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "file.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"file\.jsonl:4: expected a JSON object, got invalid"):
+        load_jsonl(path)
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"instruction": "x"}\n')
+    with pytest.raises(DataError, match=r'file\.jsonl:3: expected "output" .* got no "output"'):
+        load_jsonl(path)
+    path.write_text('{"text": "a"}\n{"text": "b"}\n["not", "an", "object"]\n')
+    with pytest.raises(DataError, match=r"file\.jsonl:3: expected a JSON object, got list"):
+        load_jsonl(path)
+    path.write_text('{"prompt": "a"}\n')
+    with pytest.raises(DataError, match=r"file\.jsonl:1: .*got keys \['prompt'\]"):
+        load_jsonl(path)
+
+
+def test_load_jsonl_missing_file_names_path(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl"):
+        load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_write_then_load_keeps_extra_keys(tmp_path):
+    records = [dict(RECORD, category="numbers"), {"text": "héllo"}]
+    write_jsonl(tmp_path / "r.jsonl", records)
+    assert load_jsonl(tmp_path / "r.jsonl") == records
+    assert [has_reference(r) for r in records] == [True, False]
+
+
+def test_encode_masks_exactly_the_prompt_and_ends_with_eos(tok):
+    prompt = tok(format_prompt(tok, RECORD), add_special_tokens=False)["input_ids"]
+    example = encode(tok, RECORD, max_length=256)
+    ids, labels = example["input_ids"], example["labels"]
+    assert ids[: len(prompt)] == prompt
+    assert labels[: len(prompt)] == [-100] * len(prompt)
+    assert labels[len(prompt):] == ids[len(prompt):]
+    assert ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[len(prompt):-1]) == "40"
+
+
+def test_encode_truncation_keeps_an_answer_token(tok):
+    long_input = dict(RECORD, input="word " * 400)
+    example = encode(tok, long_input, max_length=64)
+    assert len(example["input_ids"]) == 64
+    assert example["labels"][-1] != -100  # prompt cut from the left, answer start kept
+    full = encode(tok, RECORD, max_length=256)
+    n_prompt = full["labels"].count(-100)
+    short = encode(tok, RECORD, max_length=n_prompt + 1)  # room left: cut from the right
+    assert short == {key: value[: n_prompt + 1] for key, value in full.items()}
+
+
+def test_text_records_train_on_everything(tok):
+    example = encode(tok, {"text": "The sky is blue."}, max_length=64)
+    assert example["labels"] == example["input_ids"]
+    assert example["input_ids"][-1] == tok.eos_token_id
+    assert format_prompt(tok, {"text": "x"}) == ""
+
+
+def test_format_prompt_chat_and_alpaca(tok):
+    chat = format_prompt(tok, RECORD)
+    assert chat.endswith("<|im_start|>assistant\n")
+    assert "Reply with only the larger number.\n\n12 40<|im_end|>" in chat
+    plain = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    plain.chat_template = None
+    assert format_prompt(plain, RECORD) == (
+        "### Instruction:\nReply with only the larger number.\n\n"
+        "### Input:\n12 40\n\n### Response:\n"
+    )
+    assert "### Input" not in format_prompt(plain, dict(RECORD, input=""))
+
+
+def test_collate_right_pads(tok):
+    batch = [encode(tok, RECORD, 256), encode(tok, {"text": "hi"}, 256)]
+    out = collate(batch, pad_id=7)
+    n0, n1 = (len(example["input_ids"]) for example in batch)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "input_ids": (2, n0), "labels": (2, n0), "attention_mask": (2, n0)
+    }
+    assert out["input_ids"].dtype == torch.long
+    assert out["input_ids"][1, n1:].eq(7).all() and out["labels"][1, n1:].eq(-100).all()
+    assert out["attention_mask"].sum(1).tolist() == [n0, n1]
+
+
+def test_exact_match_normalisation():
+    assert normalize_answer("  Positive.\n") == "positive"
+    assert exact_match("New   York.", "new york")
+    assert exact_match("STRASSE", "straße")
+    assert not exact_match("positive, mostly", "positive")
+    assert not exact_match("", "positive")
+
+
+def test_default_data_is_deterministic_and_ignores_global_rng():
+    random.seed(1)
+    first = default_site_data(1, n_train=20, n_eval=8, seed=3)
+    random.seed(2)
+    assert default_site_data(1, n_train=20, n_eval=8, seed=3) == first
+    assert default_site_data(1, n_train=20, n_eval=8, seed=4) != first
+
+
+def test_default_data_is_heterogeneous_and_well_formed():
+    mixes = []
+    for site in range(3):
+        train, evaluation = default_site_data(site)
+        assert (len(train), len(evaluation)) == (64, 16)
+        for record in train + evaluation:
+            assert record["category"] in DEFAULT_TASKS and has_reference(record)
+            assert 1 <= len(record["output"].split()) <= 2
+        mixes.append(collections.Counter(r["category"] for r in train).most_common(1)[0][0])
+    assert len(set(mixes)) == 3  # each site is dominated by a different task
+    assert default_site_data(3) != default_site_data(0)  # indices cycle the mix, not the data
+    assert collections.Counter(r["category"] for r in default_site_data(3)[0]) == (
+        collections.Counter(r["category"] for r in default_site_data(0)[0])
+    )
+
+
+def test_default_eval_inputs_never_appear_in_training():
+    train_inputs, eval_inputs = set(), set()
+    for site in range(3):
+        train, evaluation = default_site_data(site, n_train=200, n_eval=50)
+        train_inputs |= {r["input"] for r in train}
+        eval_inputs |= {r["input"] for r in evaluation}
+        assert len({r["input"] for r in train}) == 200  # no duplicates within a site
+    assert not train_inputs & eval_inputs
+
+
+def _mean_top_share(sites, labels):
+    shares = [collections.Counter(labels[i] for i in s).most_common(1)[0][1] / len(s)
+              for s in sites if s]
+    return sum(shares) / len(shares)
+
+
+def test_dirichlet_split_covers_every_index_once_and_skews_with_small_alpha():
+    labels = [i % 4 for i in range(400)]
+    skew = {}
+    for alpha in (0.05, 100.0):
+        tops = []
+        for seed in range(5):
+            sites = dirichlet_split(labels, 5, alpha, seed)
+            assert sorted(i for s in sites for i in s) == list(range(400))
+            assert all(sites)
+            tops.append(_mean_top_share(sites, labels))
+        skew[alpha] = sum(tops) / len(tops)
+    assert skew[0.05] > 0.7 and skew[100.0] < 0.4, skew
+    assert dirichlet_split(labels, 5, 0.5, 1) == dirichlet_split(labels, 5, 0.5, 1)
+    tiny = dirichlet_split(["a", "a", "a"], 3, 0.01, 0)
+    assert sorted(len(s) for s in tiny) == [1, 1, 1]
+
+
+def test_split_by_field_round_robin():
+    records = [{"category": c} for c in "abcabcd"]
+    assert split_by_field(records, "category", 2) == [[0, 2, 3, 5], [1, 4, 6]]
+    with pytest.raises(DataError, match="'category' has 4 distinct values"):
+        split_by_field(records, "category", 5)
+    with pytest.raises(DataError, match="record 2 has no field 'category'"):
+        split_by_field([{"category": "a"}, {"kind": "b"}], "category", 1)
+
+
+def _run_split(*args):
+    return subprocess.run([sys.executable, "-m", "components.data.split", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_split_cli_end_to_end(tmp_path):
+    path = tmp_path / "news.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "title"])
+        writer.writerows([[i % 3 + 1, f"headline {i}"] for i in range(60)])
+    out = tmp_path / "sites"
+    done = _run_split(path, "--out", out, "--dirichlet", 0.5, "--label-field", "label",
+                      "--sites", 3, "--eval-fraction", 0.25,
+                      "--instruction", "Topic of: {title}", "--output-field", "label",
+                      "--output-map", "1=World,2=Sports,3=Business")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("site-") == 3
+    train = [load_jsonl(out / f"site-{k}.jsonl") for k in (1, 2, 3)]
+    held = [load_jsonl(out / f"site-{k}.eval.jsonl") for k in (1, 2, 3)]
+    everything = [r for site in train + held for r in site]
+    assert sorted(r["instruction"] for r in everything) == sorted(
+        f"Topic of: headline {i}" for i in range(60)
+    )
+    assert all("title" not in r for r in everything)  # templated columns are not repeated
+    names = {"1": "World", "2": "Sports", "3": "Business"}
+    assert all(r["output"] == names[r["label"]] for r in everything)
+    assert all(len(h) == round(0.25 * (len(t) + len(h))) for t, h in zip(train, held))
+    site_train, site_eval = load_site_data(str(out), "site-2", 1)
+    assert (site_train, site_eval) == (train[1], held[1])
+
+
+def test_split_cli_errors_are_one_line(tmp_path):
+    path = tmp_path / "news.csv"
+    path.write_text("label,title\n1,a\n2,b\n")
+    done = _run_split(path, "--out", tmp_path / "o", "--by-field", "label",
+                      "--instruction", "{headline}", "--output-field", "label")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {path}: missing column(s) ['headline']; the header has ['label', 'title']"
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 1}\n{"text": "b"}\n')
+    done = _run_split(bad, "--out", tmp_path / "o", "--by-field", "label")
+    assert done.returncode == 2 and f"{bad}:2: record has no field 'label'" in done.stderr
+
+
+def test_load_site_data(tmp_path):
+    assert load_site_data(None, "site-1", 2, n_train=8, n_eval=4) == default_site_data(2, 8, 4)
+    records = [{"text": f"t{i}"} for i in range(10)]
+    write_jsonl(tmp_path / "site-1.jsonl", records)
+    train, evaluation = load_site_data(str(tmp_path), "site-1", 0, eval_fraction=0.3)
+    assert (len(train), len(evaluation)) == (7, 3)
+    assert sorted(train + evaluation, key=lambda r: int(r["text"][1:])) == records
+    assert load_site_data(str(tmp_path), "site-1", 0, eval_fraction=0.3) == (train, evaluation)
+    with pytest.raises(DataError, match=r"expected .*site-2\.jsonl; .* has \['site-1\.jsonl'\]"):
+        load_site_data(str(tmp_path), "site-2", 1)
+    (tmp_path / "site-3.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="0 training records"):
+        load_site_data(str(tmp_path), "site-3", 2)
