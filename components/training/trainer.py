@@ -1,0 +1,163 @@
+"""The one local train / eval loop that every federated method shares.
+
+Loss is cross-entropy on answer tokens only (prompt labels are -100), summed over tokens and
+divided by the step's supervised token count, so long and short answers weigh per token, however
+the step is split into micro-batches. Logits are computed only at supervised positions: the
+vocabulary projection is a fifth of a small model's compute and the prompt needs none of it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from components.data.prompts import IGNORE_INDEX, collate, encode, exact_match, prompt_ids
+from components.data.records import has_reference
+from components.training.config import SiteConfig
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's intra-op threads (None leaves them); inter-op too while torch still allows it."""
+    if n is None:
+        return
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # only settable once, before any parallel work has started
+        pass
+
+
+def _loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's supervised tokens, and their count."""
+    targets = batch["labels"][:, 1:]
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=positions,
+        use_cache=False,
+    ).logits
+    targets = targets[:, positions]
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def _cycle(n: int, seed: int):
+    """Indices 0..n-1 in a fresh seeded shuffle per epoch, forever."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
+def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: str = "train") -> dict:
+    """Run cfg.local_steps AdamW steps on the trainable (LoRA) parameters; deterministic in cfg.seed.
+
+    Each step accumulates cfg.grad_accum micro-batches of cfg.batch_size records. Returns
+    train_loss (mean over the last quarter of the steps), steps, tokens (supervised),
+    input_tokens (non-padding), seconds and tokens_per_s (supervised tokens per second).
+    """
+    if not records:
+        raise ValueError("train_lora: got no training records")
+    set_threads(cfg.threads)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    order = _cycle(len(records), cfg.seed)
+    encoded: dict[int, dict] = {}  # only the records this round reaches get tokenized
+    pad_id = tokenizer.pad_token_id
+    losses, tokens, input_tokens = [], 0, 0
+    start = time.perf_counter()
+    model.train()
+    with torch.random.fork_rng(devices=[]), tqdm(total=cfg.local_steps, desc=desc, file=sys.stderr) as bar:
+        torch.manual_seed(cfg.seed)  # LoRA dropout
+        for _ in range(cfg.local_steps):
+            batches = []
+            for _ in range(cfg.grad_accum):
+                indices = [next(order) for _ in range(cfg.batch_size)]
+                for i in indices:
+                    if i not in encoded:
+                        encoded[i] = encode(tokenizer, records[i], cfg.max_length)
+                batches.append(collate([encoded[i] for i in indices], pad_id))
+            n_step = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                loss, _ = _loss_sum(model, batch)
+                (loss / max(n_step, 1)).backward()
+                step_loss += loss.item()
+                input_tokens += int(batch["attention_mask"].sum())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += n_step
+            losses.append(step_loss / max(n_step, 1))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    model.eval()
+    seconds = time.perf_counter() - start
+    tail = losses[-math.ceil(len(losses) / 4):]
+    return {
+        "train_loss": sum(tail) / len(tail),
+        "steps": cfg.local_steps,
+        "tokens": tokens,
+        "input_tokens": input_tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> dict:
+    """eval_loss (token-weighted answer cross-entropy), perplexity and n; plus exact_match from
+    greedy generation when the records carry reference answers. At most cfg.max_eval records."""
+    records = records[: cfg.max_eval] if cfg.max_eval is not None else records
+    if not records:
+        raise ValueError("evaluate: got no evaluation records")
+    set_threads(cfg.threads)
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    encoded = [encode(tokenizer, r, cfg.max_length) for r in records]
+    encoded.sort(key=lambda e: len(e["input_ids"]))  # batches of similar length: less padding
+    loss_sum, n_tokens = 0.0, 0
+    for i in range(0, len(encoded), cfg.eval_batch_size):
+        loss, n = _loss_sum(model, collate(encoded[i : i + cfg.eval_batch_size], pad_id))
+        loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + n
+    eval_loss = loss_sum / n_tokens if n_tokens else math.nan
+    result = {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "n": len(records)}
+    scored = [r for r in records if has_reference(r)]
+    if scored:
+        predictions = _generate(model, tokenizer, scored, cfg)
+        hits = sum(exact_match(p, r["output"]) for p, r in zip(predictions, scored))
+        result["exact_match"] = hits / len(scored)
+    return result
+
+
+def _generate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> list[str]:
+    """Greedy answers, batched with left padding (prompts end where generation starts)."""
+    prompts = [prompt_ids(tokenizer, r)[-cfg.max_length :] for r in records]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pad_id = tokenizer.pad_token_id
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), cfg.eval_batch_size):
+        chunk = order[start : start + cfg.eval_batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        input_ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in chunk])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk])
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for i, row in zip(chunk, out[:, width:]):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return answers
