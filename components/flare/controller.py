@@ -1,0 +1,197 @@
+"""Server workflow for federated LoRA: rounds, per-site catch-up, update vetting, aggregation.
+
+Thin FLARE glue around ``components.methods``: it decides who trains, ships each site exactly the
+global state it lacks, rejects malformed updates (logged, round goes on), aggregates with the
+method's pure-torch code, and writes results (metrics JSON, final PEFT adapter) into the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
+from nvflare.fuel.utils import fobs
+
+from components.adapter_export import save_adapter
+from components.algorithms.lora_state import InvalidUpdate, lora_module_shapes
+from components.methods import SiteUpdate, check_update, get_method
+
+RESULTS_DIRNAME = "flare_lora"
+
+
+class LoraController(ModelController):
+    def __init__(
+        self,
+        method: str = "flora",
+        num_rounds: int = 3,
+        min_clients: int = 1,
+        clients_per_round: int | None = None,
+        site_configs: dict | None = None,
+        base_model: str = "",
+        seed: int = 0,
+        task_timeout: int = 0,
+        wait_for_clients_timeout: float = 300.0,
+    ):
+        """Args:
+        method: "flora" (exact stacking), "fedit" or "zero_pad".
+        num_rounds: training rounds; a final "validate" round evaluates the last global model.
+        min_clients: fewest valid updates a round needs; fewer fails the job with a clear error.
+        clients_per_round: sites sampled per round (None: all connected) — partial participation.
+        site_configs: {site: {"rank": r, "alpha": a, ...}} from the job; an update whose factors
+            disagree with its site's declared rank is rejected.
+        base_model: recorded in the exported adapter's config (base_model_name_or_path).
+        """
+        super().__init__(persistor_id="", ignore_result_error=True)
+        get_method(method)  # fail at config time on an unknown method
+        self.method = method  # FLARE's job export reads constructor args back from same-named attributes
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients
+        self.clients_per_round = clients_per_round
+        self.site_configs = site_configs or {}
+        self.base_model = base_model
+        self.seed = seed
+        self.task_timeout = task_timeout
+        self.wait_for_clients_timeout = wait_for_clients_timeout
+
+    def run(self) -> None:
+        fobs.register(TensorDecomposer)
+        self.strategy = get_method(self.method)
+        self.rounds: list[dict] = []  # one aggregated global state per round
+        self.merged: dict[str, int] = {}  # rounds each site has installed, as it last reported
+        self.module_shapes: dict[str, tuple[int, int]] = {}
+        self.log = {"method": self.method, "num_rounds": self.num_rounds, "rounds": [], "final": {}}
+        rng = random.Random(self.seed)
+
+        for rnd in range(self.num_rounds):
+            sites = self._sample(rnd, rng)
+            if sites is None:
+                return
+            results, record = self._run_task("train", sites, rnd)
+            updates = [u for u in (self._vet(rnd, s, results[s], record) for s in sorted(results)) if u]
+            if len(updates) < self.min_clients:
+                self._fail(
+                    f"round {rnd}: {len(updates)} valid update(s) from {[u.site for u in updates]}, "
+                    f"min_clients={self.min_clients}; rejected or missing: "
+                    f"{sorted(set(sites) - {u.site for u in updates})}"
+                )
+                return
+            self.rounds.append(self.strategy.aggregate(updates))
+            record["aggregated"] = [u.site for u in updates]
+            self.log["rounds"].append(record)
+            self.info(f"round {rnd}: aggregated {len(updates)} site(s) with {self.method}")
+            self._write_results()
+
+        connected = sorted(c.name for c in self.engine.get_clients())
+        results, record = self._run_task("validate", connected, self.num_rounds)
+        self.log["final"] = record
+        digests = {s: r.meta.get("base_digest") for s, r in results.items() if r.meta.get("base_digest")}
+        if self.method == "flora" and len(set(digests.values())) > 1:
+            self.error(f"sites hold different base weights after catch-up: {digests}")
+        self._write_results(final=True)
+
+    def _sample(self, rnd: int, rng: random.Random) -> list[str] | None:
+        deadline = time.time() + self.wait_for_clients_timeout
+        while True:
+            clients = sorted(c.name for c in self.engine.get_clients())
+            if len(clients) >= self.min_clients:
+                break
+            if time.time() > deadline or self.abort_signal.triggered:
+                self._fail(
+                    f"round {rnd}: only {len(clients)} site(s) connected {clients}, "
+                    f"min_clients={self.min_clients} (waited {self.wait_for_clients_timeout:.0f}s)"
+                )
+                return None
+            time.sleep(1.0)
+        k = self.clients_per_round
+        return clients if not k or k >= len(clients) else sorted(rng.sample(clients, max(k, self.min_clients)))
+
+    def _run_task(self, task: str, sites: list[str], rnd: int) -> tuple[dict[str, FLModel], dict]:
+        """Send each site the state it lacks, wait for all, return {site: result} and a log record."""
+        results: dict[str, FLModel] = {}
+        record = {"round": rnd, "task": task, "sites": {s: {} for s in sites}}
+        by_lag: dict[int, list[str]] = {}
+        for site in sites:
+            by_lag.setdefault(self.merged.get(site, 0), []).append(site)
+
+        def on_result(result: FLModel) -> bool:
+            site = result.meta.get("client_name", "?")
+            entry = record["sites"].setdefault(site, {})
+            entry["upload_bytes"] = _wire_bytes(result)
+            entry["metrics"] = dict(result.metrics or {})
+            for key in ("num_examples", "rank", "alpha", "merged_rounds", "base_digest", "train"):
+                if key in result.meta:
+                    entry[key] = result.meta[key]
+            if isinstance(result.meta.get("merged_rounds"), int):
+                self.merged[site] = result.meta["merged_rounds"]
+            results[site] = result
+            return True
+
+        for merged, group in sorted(by_lag.items()):
+            data = FLModel(
+                params=self.strategy.payload(self.rounds, merged),
+                params_type=ParamsType.FULL,
+                current_round=rnd,
+                total_rounds=self.num_rounds,
+                meta={"method": self.method, "round": rnd, "num_rounds": self.num_rounds},
+            )
+            nbytes = _wire_bytes(data)
+            for site in group:
+                record["sites"][site]["download_bytes"] = nbytes
+            self.send_model(task_name=task, data=data, targets=group, timeout=self.task_timeout, callback=on_result)
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                break
+            time.sleep(self._task_check_period)
+        for site in sites:
+            if site not in results:
+                self.warning(f"round {rnd}: no {task} result from {site}")
+                record["sites"][site]["missing"] = True
+        return results, record
+
+    def _vet(self, rnd: int, site: str, result: FLModel, record: dict) -> SiteUpdate | None:
+        """Turn a result into a SiteUpdate, or log why it is rejected (the round goes on)."""
+        meta = result.meta or {}
+        declared = self.site_configs.get(site, {})
+        try:
+            update = SiteUpdate(
+                site=site,
+                state=dict(result.params or {}),
+                num_examples=meta.get("num_examples", 0),
+                rank=declared.get("rank", meta.get("rank")),
+                alpha=float(declared.get("alpha", meta.get("alpha", 0.0))),
+            )
+            check_update(update, self.module_shapes)
+        except (InvalidUpdate, TypeError, ValueError) as e:
+            self.error(f"round {rnd}: rejected update from {site}: {e}")
+            record["sites"][site]["rejected"] = str(e)
+            return None
+        self.module_shapes.update(lora_module_shapes(update.state))
+        return update
+
+    def _fail(self, reason: str) -> None:
+        self.log["error"] = reason
+        self._write_results()
+        self.panic(reason)
+
+    def _write_results(self, final: bool = False) -> None:
+        out = os.path.join(self.get_run_dir(), RESULTS_DIRNAME)
+        os.makedirs(out, exist_ok=True)
+        if final and self.rounds:
+            state, scaling = self.strategy.final(self.rounds)
+            save_adapter(os.path.join(out, "adapter"), state, scaling, self.base_model)
+            self.log["adapter"] = "adapter"
+        tmp = os.path.join(out, "metrics.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.log, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(out, "metrics.json"))
+
+
+def _wire_bytes(model: FLModel) -> int:
+    """Bytes of the message as FLARE's serializer (fobs, tensors via safetensors) encodes it."""
+    return len(fobs.dumps(FLModelUtils.to_shareable(model)))

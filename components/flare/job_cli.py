@@ -1,0 +1,150 @@
+"""Command-line plumbing shared by the jobs in nvflare_jobs/: sites, environments, results.
+
+A job script builds its Recipe from these arguments, runs it with ``Recipe.execute`` (which also
+handles ``--export --export-dir X`` for ``nvflare job submit``), then collects the server's
+results into ``--results`` and prints the per-round table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+
+from components.report import comm_totals, load_metrics, write_report
+
+METRICS_GLOB = os.path.join("**", "flare_lora", "metrics.json")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sites")
+    g.add_argument("--ranks", default="4,8,16", help="LoRA rank per site; the count sets the number of sites")
+    g.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio * rank at every site")
+    g.add_argument("--target-modules", default="q_proj,v_proj")
+    g.add_argument("--steps", type=int, default=None, help="local optimizer steps per round")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None, help="torch threads per site (default: cores / sites)")
+    g.add_argument("--site-config", default=None, help="JSON file {site: {key: value}} overriding the above")
+    g = p.add_argument_group("job")
+    g.add_argument("--rounds", type=int, default=3)
+    g.add_argument("--min-clients", type=int, default=None)
+    g.add_argument("--clients-per-round", type=int, default=None, help="partial participation")
+    g.add_argument("--model", default=None, help="local model dir (safetensors or GGUF); default: embedded SmolLM2")
+    g.add_argument("--data", default=None, help="dir with <site>.jsonl per site; default: embedded tasks")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--in-process", action="store_true", help="run site training inside the FLARE client process")
+    g.add_argument(
+        "--site-script",
+        action="append",
+        default=[],
+        metavar="SITE=PATH",
+        help="a site's own training script speaking the same protocol (repeatable)",
+    )
+    g = p.add_argument_group("environment")
+    g.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
+    g.add_argument("--workspace", default=None, help="simulator / POC workspace (default /tmp/flare_lora/<env>)")
+    g.add_argument("--startup-kit", default=None, help="admin startup kit (prod)")
+    g.add_argument("--results", default=None, help="where to copy results (default: ./results/<job name>)")
+
+
+def build_sites(args) -> dict[str, dict]:
+    """{site-1: {rank, alpha, ...}, ...} from --ranks and the shared flags, then --site-config."""
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        raise SystemExit(f"--ranks: expected comma-separated integers, got {args.ranks!r}")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(ranks)))
+    sites = {}
+    for i, rank in enumerate(ranks):
+        cfg = {"rank": rank, "alpha": args.alpha_ratio * rank, "threads": threads, "seed": args.seed}
+        cfg["target_modules"] = [m for m in args.target_modules.split(",") if m]
+        for key, value in (("local_steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size)):
+            if value is not None:
+                cfg[key] = value
+        sites[f"site-{i + 1}"] = cfg
+    if args.site_config:
+        with open(args.site_config) as f:
+            overrides = json.load(f)
+        for site, cfg in overrides.items():
+            sites.setdefault(site, {"threads": threads, "seed": args.seed}).update(cfg)
+    return sites
+
+
+def site_scripts(args) -> dict[str, str]:
+    scripts = {}
+    for item in args.site_script:
+        site, sep, path = item.partition("=")
+        if not sep or not os.path.isfile(path):
+            raise SystemExit(f"--site-script: expected SITE=PATH to an existing file, got {item!r}")
+        scripts[site] = os.path.abspath(path)
+    return scripts
+
+
+def make_env(args, sites: dict):
+    """SimEnv, an isolated POC (own ports, workspace, HOME) or ProdEnv from --env."""
+    workspace = args.workspace or f"/tmp/flare_lora/{args.env}"
+    if args.env == "sim":
+        from nvflare.recipe import SimEnv
+
+        return SimEnv(clients=list(sites), num_threads=len(sites), workspace_root=workspace)
+    if args.env == "poc":
+        from components.flare.poc import IsolatedPocEnv
+
+        return IsolatedPocEnv(list(sites), workspace)
+    from nvflare.recipe import ProdEnv
+
+    if not args.startup_kit:
+        raise SystemExit("--env prod needs --startup-kit (the admin's startup kit directory)")
+    return ProdEnv(startup_kit_location=args.startup_kit)
+
+
+def run_recipe(recipe, env, name: str, results_dir: str, title: str) -> int:
+    """Run (or, with --export, export) the recipe; collect and print results; 0 on success.
+
+    A failed simulation still leaves the server's metrics.json (with the reason under "error"), so
+    the report is written either way.
+    """
+    try:
+        run = recipe.execute(env)  # raises SystemExit(0) after writing the job folder on --export
+        try:
+            result = run.get_result(clean_up=False)
+            print(f"job {run.get_job_id()} finished with status {run.get_status()}; workspace: {result}")
+        finally:
+            env.stop()
+    except RuntimeError as e:  # SimEnv: the simulator exited non-zero
+        print(f"job failed: {e}", file=sys.stderr)
+        result = env.get_job_result(name)
+    report = collect_results(result, results_dir, title)
+    print_report(report)
+    return 1 if report["log"].get("error") or not report["log"].get("final") else 0
+
+
+def collect_results(result_dir: str | None, out_dir: str, title: str) -> dict:
+    """Copy the server's flare_lora/ results out of a run workspace and write the report."""
+    found = sorted(glob.glob(os.path.join(result_dir or "", METRICS_GLOB), recursive=True)) if result_dir else []
+    if not found:
+        raise SystemExit(f"no flare_lora/metrics.json under the job result {result_dir!r}; see the server log there")
+    src = os.path.dirname(found[0])
+    if os.path.abspath(src) != os.path.abspath(out_dir):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(src, out_dir)
+    log = load_metrics(os.path.join(out_dir, "metrics.json"))
+    report = write_report(log, out_dir, title)
+    report.update(log=log, comm=comm_totals(log), out_dir=out_dir)
+    return report
+
+
+def print_report(report: dict) -> None:
+    log = report["log"]
+    print(report["table"])
+    comm = report["comm"]
+    print(f"\ntotal upload {comm['upload_bytes'] / 1e6:.2f} MB, download {comm['download_bytes'] / 1e6:.2f} MB")
+    if log.get("error"):
+        print(f"JOB FAILED: {log['error']}")
+    print(f"results: {report['out_dir']} (metrics.json, table.txt, curves.png, tensorboard/)")
+    if log.get("adapter"):
+        print(f"adapter: {os.path.join(report['out_dir'], 'adapter')}  (PeftModel.from_pretrained(base, that_dir))")

@@ -1,0 +1,128 @@
+"""End to end: real FLARE simulator jobs (nvflare_jobs/flora/job.py) on a tiny random Llama."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
+from components.report import load_metrics, per_round
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"
+BAD_SITE = Path(__file__).parent / "sites" / "bad_site.py"
+
+pytestmark = pytest.mark.e2e
+
+
+def run_job(tmp_path, model_dir, *args, expect_ok=True):
+    """Run job.py in its own process; return (metrics log, results dir, completed process)."""
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(JOB), "--model", str(model_dir), "--workspace", str(tmp_path / "ws")]
+    cmd += ["--results", str(results), "--steps", "2", "--batch-size", "2", "--threads", "1", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    metrics = results / "metrics.json"
+    return (load_metrics(metrics) if metrics.exists() else None), results, proc
+
+
+def final_digests(log):
+    return {s: e.get("base_digest") for s, e in log["final"]["sites"].items()}
+
+
+def stacked_ranks(results):
+    from safetensors.torch import load_file
+
+    state = load_file(results / "adapter" / "adapter_model.safetensors")
+    return {p: state[p + LORA_A_SUFFIX].shape[0] for p in module_prefixes(state)}
+
+
+def test_flora_heterogeneous_ranks_external_process(tmp_path, tiny_model_dir):
+    log, results, proc = run_job(tmp_path, tiny_model_dir, "--ranks", "2,4,8", "--rounds", "2")
+    assert log["method"] == "flora" and len(log["rounds"]) == 2
+    for record in log["rounds"]:
+        assert sorted(record["aggregated"]) == ["site-1", "site-2", "site-3"]
+    # the final adapter holds every round's stack: 2 rounds x (2+4+8) per module
+    assert set(stacked_ranks(results).values()) == {2 * 14}
+    digests = final_digests(log)
+    assert len(digests) == 3 and len(set(digests.values())) == 1, digests
+    rows = per_round(log)
+    assert {r["round"] for r in rows} == {0, 1, 2}
+    assert all(r["upload_bytes"] > 0 and r["download_bytes"] > 0 for r in rows if r["round"] >= 1)
+    assert (results / "curves.png").stat().st_size > 0 and (results / "tensorboard").is_dir()
+    assert "site-3" in proc.stdout and "eval_loss" in proc.stdout
+
+    # the artefact loads with PEFT and adds exactly the stacked update to the base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, results / "adapter").merge_and_unload()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_flora_partial_participation_catches_up_in_process(tmp_path, tiny_model_dir):
+    log, _, _ = run_job(
+        tmp_path, tiny_model_dir, "--ranks", "2,3,4", "--rounds", "3", "--clients-per-round", "2", "--in-process"
+    )
+    sampled = [sorted(r["sites"]) for r in log["rounds"]]
+    assert all(len(s) == 2 for s in sampled)
+    assert len({s for r in sampled for s in r}) == 3, "every site should be sampled at least once"
+    # a site that sat out a round received the missed stacked rounds and merged them
+    digests = final_digests(log)
+    assert len(digests) == 3 and len(set(digests.values())) == 1, digests
+    assert all(e["merged_rounds"] == 3 for e in log["final"]["sites"].values())
+
+
+@pytest.mark.parametrize("method,ranks", [("fedit", "4,4,4"), ("zero_pad", "2,4,8")])
+def test_averaging_baselines_run_through_the_same_job(tmp_path, tiny_model_dir, method, ranks):
+    log, results, _ = run_job(
+        tmp_path, tiny_model_dir, "--method", method, "--ranks", ranks, "--rounds", "2", "--in-process"
+    )
+    assert log["method"] == method and len(log["rounds"]) == 2
+    assert set(stacked_ranks(results).values()) == {max(int(r) for r in ranks.split(","))}
+
+
+def test_bad_update_is_rejected_and_round_goes_on(tmp_path, tiny_model_dir):
+    log, _, _ = run_job(
+        tmp_path,
+        tiny_model_dir,
+        "--ranks", "2,2,2", "--rounds", "1", "--min-clients", "2", "--in-process",
+        "--site-script", f"site-3={BAD_SITE}",
+    )  # fmt: skip
+    record = log["rounds"][0]
+    assert sorted(record["aggregated"]) == ["site-1", "site-2"]
+    assert "NaN" in record["sites"]["site-3"]["rejected"] or "nan" in record["sites"]["site-3"]["rejected"].lower()
+
+
+def test_fewer_valid_sites_than_min_clients_fails_clearly(tmp_path, tiny_model_dir):
+    log, _, proc = run_job(
+        tmp_path,
+        tiny_model_dir,
+        "--ranks", "2,2", "--rounds", "2", "--min-clients", "2", "--in-process",
+        "--site-script", f"site-2={BAD_SITE}",
+        expect_ok=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert log is not None and "min_clients=2" in log["error"], proc.stdout[-3000:]
+    assert len(log["rounds"]) == 0
+
+
+def test_config_errors_name_site_and_key(tmp_path, tiny_model_dir):
+    overrides = tmp_path / "sites.json"
+    overrides.write_text(json.dumps({"site-2": {"rank": 0}}))
+    _, _, proc = run_job(tmp_path, tiny_model_dir, "--site-config", str(overrides), expect_ok=False)
+    assert proc.returncode != 0
+    assert "site-2" in proc.stderr and "rank" in proc.stderr
+    _, _, proc = run_job(tmp_path, tiny_model_dir, "--min-clients", "4", expect_ok=False)
+    assert "min_clients" in proc.stderr
+    _, _, proc = run_job(tmp_path, tiny_model_dir, "--method", "fedit", "--ranks", "2,4", expect_ok=False)
+    assert "site-2" in proc.stderr and "fedit" in proc.stderr
