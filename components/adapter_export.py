@@ -41,3 +41,16 @@ def save_adapter(out_dir: str, state: Mapping[str, Tensor], scaling: float, base
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def save_merged_model(base_dir: str, adapter_dir: str, out_dir: str) -> str:
+    """Base + adapter merged into a plain HF model dir (``AutoModelForCausalLM.from_pretrained``)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    return out_dir

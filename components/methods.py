@@ -105,10 +105,11 @@ class FLoRA:
     def install(peft_model, params: Mapping[str, Tensor], merged_rounds: int, seed: int) -> int:
         """Merge the rounds a site lacks into its base weights, then start a fresh LoRA.
 
-        Rounds must continue at ``merged_rounds``; every site adds the same factors in the same
+        New rounds must continue at ``merged_rounds``; every site adds the same factors in the same
         order, so all sites end with bit-identical base weights. Returns the new merged count.
         """
-        rounds = unpack_rounds(params)
+        # rounds the site already merged (its last report got lost) are skipped, not re-added
+        rounds = {r: s for r, s in unpack_rounds(params).items() if r >= merged_rounds}
         expected = list(range(merged_rounds, merged_rounds + len(rounds)))
         if list(rounds) != expected:
             raise InvalidUpdate(f"catch-up rounds {list(rounds)} do not continue merged round count {merged_rounds}")

@@ -88,6 +88,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in ("eval_loss", "exact_match") if any(r[k] is not None for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
@@ -95,6 +96,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
         for site in sorted({r["site"] for r in rows}):
             pts = [(r["round"], r[key]) for r in rows if r["site"] == site and r[key] is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=site)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round (0 = pretrained)")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

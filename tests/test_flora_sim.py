@@ -44,7 +44,7 @@ def stacked_ranks(results):
 
 
 def test_flora_heterogeneous_ranks_external_process(tmp_path, tiny_model_dir):
-    log, results, proc = run_job(tmp_path, tiny_model_dir, "--ranks", "2,4,8", "--rounds", "2")
+    log, results, proc = run_job(tmp_path, tiny_model_dir, "--ranks", "2,4,8", "--rounds", "2", "--save-merged")
     assert log["method"] == "flora" and len(log["rounds"]) == 2
     for record in log["rounds"]:
         assert sorted(record["aggregated"]) == ["site-1", "site-2", "site-3"]
@@ -67,6 +67,10 @@ def test_flora_heterogeneous_ranks_external_process(tmp_path, tiny_model_dir):
     merged = PeftModel.from_pretrained(base, results / "adapter").merge_and_unload()
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+    # --save-merged wrote the same model as a plain HF directory
+    plain = AutoModelForCausalLM.from_pretrained(results / "merged", dtype=torch.float32).state_dict()
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(plain[key], value)
 
 
 def test_flora_partial_participation_catches_up_in_process(tmp_path, tiny_model_dir):

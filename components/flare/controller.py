@@ -122,7 +122,7 @@ class LoraController(ModelController):
         def on_result(result: FLModel) -> bool:
             site = result.meta.get("client_name", "?")
             entry = record["sites"].setdefault(site, {})
-            entry["upload_bytes"] = _wire_bytes(result)
+            entry["upload_bytes"] = wire_bytes(result)
             entry["metrics"] = dict(result.metrics or {})
             for key in ("num_examples", "rank", "alpha", "merged_rounds", "base_digest", "train"):
                 if key in result.meta:
@@ -140,7 +140,7 @@ class LoraController(ModelController):
                 total_rounds=self.num_rounds,
                 meta={"method": self.method, "round": rnd, "num_rounds": self.num_rounds},
             )
-            nbytes = _wire_bytes(data)
+            nbytes = wire_bytes(data)
             for site in group:
                 record["sites"][site]["download_bytes"] = nbytes
             self.send_model(task_name=task, data=data, targets=group, timeout=self.task_timeout, callback=on_result)
@@ -192,6 +192,6 @@ class LoraController(ModelController):
         os.replace(tmp, os.path.join(out, "metrics.json"))
 
 
-def _wire_bytes(model: FLModel) -> int:
+def wire_bytes(model: FLModel) -> int:
     """Bytes of the message as FLARE's serializer (fobs, tensors via safetensors) encodes it."""
     return len(fobs.dumps(FLModelUtils.to_shareable(model)))

@@ -49,6 +49,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workspace", default=None, help="simulator / POC workspace (default /tmp/flare_lora/<env>)")
     g.add_argument("--startup-kit", default=None, help="admin startup kit (prod)")
     g.add_argument("--results", default=None, help="where to copy results (default: ./results/<job name>)")
+    g.add_argument("--save-merged", action="store_true", help="also write base+adapter merged as an HF model dir")
 
 
 def build_sites(args) -> dict[str, dict]:
@@ -102,7 +103,7 @@ def make_env(args, sites: dict):
     return ProdEnv(startup_kit_location=args.startup_kit)
 
 
-def run_recipe(recipe, env, name: str, results_dir: str, title: str) -> int:
+def run_recipe(recipe, env, name: str, results_dir: str, title: str, model: str | None = None, save_merged=False) -> int:
     """Run (or, with --export, export) the recipe; collect and print results; 0 on success.
 
     A failed simulation still leaves the server's metrics.json (with the reason under "error"), so
@@ -119,6 +120,12 @@ def run_recipe(recipe, env, name: str, results_dir: str, title: str) -> int:
         print(f"job failed: {e}", file=sys.stderr)
         result = env.get_job_result(name)
     report = collect_results(result, results_dir, title)
+    adapter = os.path.join(results_dir, "adapter")
+    if save_merged and os.path.isdir(adapter):
+        from components.adapter_export import save_merged_model
+        from components.training.models import resolve_model_dir
+
+        report["merged"] = save_merged_model(resolve_model_dir(model), adapter, os.path.join(results_dir, "merged"))
     print_report(report)
     return 1 if report["log"].get("error") or not report["log"].get("final") else 0
 
@@ -148,3 +155,5 @@ def print_report(report: dict) -> None:
     print(f"results: {report['out_dir']} (metrics.json, table.txt, curves.png, tensorboard/)")
     if log.get("adapter"):
         print(f"adapter: {os.path.join(report['out_dir'], 'adapter')}  (PeftModel.from_pretrained(base, that_dir))")
+    if report.get("merged"):
+        print(f"merged model: {report['merged']}  (AutoModelForCausalLM.from_pretrained(that_dir))")

@@ -36,7 +36,8 @@ def main() -> int:
         site_scripts=site_scripts(args),
     )
     results = args.results or os.path.join("results", name)
-    return run_recipe(recipe, make_env(args, sites), name, results, f"{name}: ranks {args.ranks}")
+    title = f"{name}: ranks {args.ranks}"
+    return run_recipe(recipe, make_env(args, sites), name, results, title, args.model, args.save_merged)
 
 
 if __name__ == "__main__":
