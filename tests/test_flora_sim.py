@@ -86,13 +86,28 @@ def test_flora_partial_participation_catches_up_in_process(tmp_path, tiny_model_
     assert all(e["merged_rounds"] == 3 for e in log["final"]["sites"].values())
 
 
+def split_ag_news(out_dir):
+    """Per-site JSONL files from the real AG News CSV via the project's split tool (label skew)."""
+    from conftest import SHARED_DATA
+
+    cmd = [sys.executable, "-m", "components.data.split", str(SHARED_DATA / "ag_news_test" / "test.csv")]
+    cmd += ["--instruction", "Classify the topic of this news article: {title}. {description}"]
+    cmd += ["--output-field", "label", "--output-map", "1=World,2=Sports,3=Business,4=Sci/Tech"]
+    cmd += ["--dirichlet", "0.5", "--label-field", "label", "--sites", "3", "--max-per-site", "20", "--out", str(out_dir)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out_dir
+
+
 @pytest.mark.parametrize("method,ranks", [("fedit", "4,4,4"), ("zero_pad", "2,4,8")])
 def test_averaging_baselines_run_through_the_same_job(tmp_path, tiny_model_dir, method, ranks):
+    data = ["--data", str(split_ag_news(tmp_path / "data"))] if method == "zero_pad" else []
     log, results, _ = run_job(
-        tmp_path, tiny_model_dir, "--method", method, "--ranks", ranks, "--rounds", "2", "--in-process"
+        tmp_path, tiny_model_dir, "--method", method, "--ranks", ranks, "--rounds", "2", "--in-process", *data
     )
     assert log["method"] == method and len(log["rounds"]) == 2
     assert set(stacked_ranks(results).values()) == {max(int(r) for r in ranks.split(","))}
+    if data:  # 20 records per site, 20% held out
+        assert {e["num_examples"] for e in log["rounds"][0]["sites"].values()} == {16}
 
 
 def test_bad_update_is_rejected_and_round_goes_on(tmp_path, tiny_model_dir):
@@ -130,3 +145,10 @@ def test_config_errors_name_site_and_key(tmp_path, tiny_model_dir):
     assert "min_clients" in proc.stderr
     _, _, proc = run_job(tmp_path, tiny_model_dir, "--method", "fedit", "--ranks", "2,4", expect_ok=False)
     assert "site-2" in proc.stderr and "fedit" in proc.stderr
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "site-1.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    _, _, proc = run_job(tmp_path, tiny_model_dir, "--ranks", "2", "--data", str(data), expect_ok=False)
+    assert proc.returncode == 2 and "site-1.jsonl:2" in proc.stderr, proc.stderr[-2000:]
+    _, _, proc = run_job(tmp_path, tmp_path / "no-such-model", expect_ok=False)
+    assert proc.returncode == 2 and "no-such-model" in proc.stderr

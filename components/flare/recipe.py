@@ -16,6 +16,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.script_runner import ScriptRunner
 from nvflare.recipe.spec import Recipe
 
+from components.data.site_data import load_site_data
 from components.flare import client_train
 from components.flare.controller import LoraController
 from components.flare.site_args import to_args
@@ -73,6 +74,9 @@ class LoraRecipe(Recipe):
         for label, path in (("model", model), ("data", data)):
             if path and os.path.sep in path and not os.path.exists(path):
                 raise FileNotFoundError(f"{label} directory not found: {path}")
+        if data and os.path.isdir(data):  # local data (simulator, POC): bad files fail before the job starts
+            for index, site in enumerate(configs):
+                load_site_data(data, site, index, seed=configs[site].seed)
         if not launch_external_process:
             for label, path in (("model", model), ("data", data)):
                 if path and any(c.isspace() for c in path):
