@@ -12,6 +12,7 @@ import os
 import random
 import time
 
+import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.model_controller import ModelController
@@ -37,6 +38,7 @@ class LoraController(ModelController):
         seed: int = 0,
         task_timeout: int = 0,
         wait_for_clients_timeout: float = 300.0,
+        server_threads: int | None = 1,
     ):
         """Args:
         method: "flora" (exact stacking), "fedit" or "zero_pad".
@@ -46,6 +48,9 @@ class LoraController(ModelController):
         site_configs: {site: {"rank": r, "alpha": a, ...}} from the job; an update whose factors
             disagree with its site's declared rank is rejected.
         base_model: recorded in the exported adapter's config (base_model_name_or_path).
+        server_threads: torch threads for aggregation. Stacking and averaging are memory-bound
+            copies that one thread saturates; more threads only add a parallel-region barrier per
+            tensor, which stalls badly when cores are shared (docs/benchmarks.md). None: leave as is.
         """
         super().__init__(persistor_id="", ignore_result_error=True)
         get_method(method)  # fail at config time on an unknown method
@@ -58,9 +63,12 @@ class LoraController(ModelController):
         self.seed = seed
         self.task_timeout = task_timeout
         self.wait_for_clients_timeout = wait_for_clients_timeout
+        self.server_threads = server_threads
 
     def run(self) -> None:
         fobs.register(TensorDecomposer)
+        if self.server_threads:
+            torch.set_num_threads(self.server_threads)
         self.strategy = get_method(self.method)
         self.rounds: list[dict] = []  # one aggregated global state per round
         self.merged: dict[str, int] = {}  # rounds each site has installed, as it last reported
