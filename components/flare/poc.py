@@ -248,6 +248,17 @@ def _descendants(table: Mapping[int, tuple[int, int, list[str]]], roots: set[int
     return out
 
 
+def _ancestors(table: Mapping[int, tuple[int, int, list[str]]], pid: int) -> set[int]:
+    out: set[int] = set()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        info = table.get(pid)
+        if info is None:
+            break
+        pid = info[0]
+    return out
+
+
 def workspace_processes(workspace: Union[str, Path]) -> dict[int, list[str]]:
     """Live processes (of this uid) whose command line references ``workspace``, plus their descendants.
 
@@ -257,9 +268,13 @@ def workspace_processes(workspace: Union[str, Path]) -> dict[int, list[str]]:
     roots = {os.path.abspath(str(workspace)), os.path.realpath(str(workspace))}
     me = os.getuid()
     table = _process_table()
-    matched = {pid for pid, (_, uid, argv) in table.items() if uid == me and any(_refs_path(argv, r) for r in roots)}
-    pids = _descendants(table, matched)
-    pids.discard(os.getpid())
+    own = _ancestors(table, os.getpid())  # the caller and what launched it (a shell, timeout, time)
+    matched = {
+        pid
+        for pid, (_, uid, argv) in table.items()
+        if uid == me and pid not in own and any(_refs_path(argv, r) for r in roots)
+    }
+    pids = _descendants(table, matched) - own
     return {pid: table[pid][2] for pid in sorted(pids) if pid in table and table[pid][1] == me}
 
 

@@ -2,7 +2,7 @@
 
     python nvflare_jobs/flora/job.py                       # 3 sites, ranks 4/8/16, simulator
     python nvflare_jobs/flora/job.py --env poc             # same job in POC mode
-    python nvflare_jobs/flora/job.py --export --export-dir /tmp/flora_job   # for `nvflare job submit`
+    python nvflare_jobs/flora/job.py --export --export-dir /tmp/flora_job   # then: nvflare job submit -j /tmp/flora_job/flora
 """
 
 import argparse
