@@ -5,18 +5,20 @@ the client half installs it into the site's model. Both are plain torch + peft (
 whole protocol can be simulated in-process (benchmarks do) and the FLARE glue stays thin.
 
 Wire format of a global payload (``FLModel.params``): a flat dict of tensors. FLoRA sends every
-stacked round the site has not merged yet, keyed ``"r<round>/<lora key>"``; FedIT and zero-pad send
-the current global adapter under its plain LoRA keys.
+stacked round the site has not merged yet, keyed ``"r<round>/<lora key>"``; FedIT, zero-pad and
+FedCDD send the current global adapter under its plain LoRA keys.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from components.algorithms.averaging import fedit, zero_pad
+from components.algorithms.consensus_divergence import DEFAULT_TEMPERATURE, check_options, fedcdd_aggregate
 from components.algorithms.lora_state import (
     LORA_A_SUFFIX,
     InvalidUpdate,
@@ -27,7 +29,7 @@ from components.algorithms.merge import merge_rounds_into
 from components.algorithms.stacking import concat_lora, stack_lora
 from components.training.lora import base_weights, load_lora_state, reset_lora
 
-METHODS = ("flora", "fedit", "zero_pad")
+METHODS = ("flora", "fedit", "zero_pad", "fedcdd")
 
 
 @dataclass
@@ -178,9 +180,74 @@ class ZeroPad(_Averaging):
         }
 
 
-def get_method(name: str):
-    """The strategy object for a method name (ValueError listing the choices)."""
-    table = {"flora": FLoRA, "fedit": FedIT, "zero_pad": ZeroPad}
-    if name not in table:
-        raise ValueError(f"method: expected one of {list(table)}, got {name!r}")
-    return table[name]()
+class FedCDD(_Averaging):
+    """Consensus-divergence decoupled aggregation (components.algorithms.consensus_divergence).
+
+    Server: per LoRA matrix, consensus column magnitudes (weighted mean of the sites' column
+    norms) times divergence directions (unit columns combined with duplicate-robust similarity
+    weights). Sites keep training the global adapter, as with FedIT. The global is applied with
+    scaling 1 (s_k folded into B); a site of rank r and scaling s installs A_g[:r] and
+    B_g[:, :r] / s, as with zero-padding. target="factors" (default) needs one rank across sites;
+    target="delta" works on ΔW_k = s_k B_k A_k and accepts heterogeneous ranks (the SVD orders
+    the global's components, so a low-rank site installs the best rank-r part).
+
+    Options (``get_method("fedcdd", **options)``): variant "full" | "consensus" (consensus
+    magnitude, FedIT direction) | "divergence" (FedIT magnitude, divergence direction), and
+    temperature, weighting, similarity, axis, target, rank of ``fedcdd_aggregate``.
+    """
+
+    name = "fedcdd"
+    VARIANTS = {"full": (True, True), "consensus": (True, False), "divergence": (False, True)}
+
+    def __init__(
+        self,
+        variant: str = "full",
+        temperature: float = DEFAULT_TEMPERATURE,
+        weighting: str = "uniform",
+        similarity: str = "uniqueness",
+        axis: str = "column",
+        target: str = "factors",
+        rank: int | None = None,
+    ):
+        if variant not in self.VARIANTS:
+            raise ValueError(f"variant: expected one of {list(self.VARIANTS)}, got {variant!r}")
+        check_options(temperature=temperature, weighting=weighting, similarity=similarity, axis=axis,
+                      target=target, rank=rank)
+        self.variant = variant
+        self.options = dict(temperature=temperature, weighting=weighting, similarity=similarity, axis=axis,
+                            target=target, rank=rank)
+
+    def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
+        consensus, divergence = self.VARIANTS[self.variant]
+        return fedcdd_aggregate(
+            [u.state for u in updates],
+            [u.num_examples for u in updates],
+            scalings=[u.scaling for u in updates],
+            consensus=consensus,
+            divergence=divergence,
+            **self.options,
+        )
+
+    local_state = staticmethod(ZeroPad.local_state)
+
+
+_TABLE = {"flora": FLoRA, "fedit": FedIT, "zero_pad": ZeroPad, "fedcdd": FedCDD}
+
+
+def get_method(name: str, **options):
+    """The strategy object for a method name (ValueError listing the choices).
+
+    ``options`` go to the strategy's constructor (only fedcdd takes any); an unknown option is a
+    ValueError naming it.
+    """
+    if name not in _TABLE:
+        raise ValueError(f"method: expected one of {list(_TABLE)}, got {name!r}")
+    cls = _TABLE[name]
+    if options:
+        accepted = [] if cls.__init__ is object.__init__ else [
+            p for p in inspect.signature(cls.__init__).parameters if p != "self"
+        ]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(f"method {name!r}: unknown option {unknown[0]!r}; expected one of {accepted}")
+    return cls(**options)

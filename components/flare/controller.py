@@ -39,6 +39,7 @@ class LoraController(ModelController):
         task_timeout: int = 0,
         wait_for_clients_timeout: float = 300.0,
         server_threads: int | None = 1,
+        method_options: dict | None = None,
     ):
         """Args:
         method: "flora" (exact stacking), "fedit" or "zero_pad".
@@ -51,9 +52,11 @@ class LoraController(ModelController):
         server_threads: torch threads for aggregation. Stacking and averaging are memory-bound
             copies that one thread saturates; more threads only add a parallel-region barrier per
             tensor, which stalls badly when cores are shared (docs/benchmarks.md). None: leave as is.
+        method_options: keyword options of the method's strategy, e.g. {"variant": "consensus"}
+            for fedcdd (``get_method(method, **method_options)``).
         """
         super().__init__(persistor_id="", ignore_result_error=True)
-        get_method(method)  # fail at config time on an unknown method
+        get_method(method, **(method_options or {}))  # fail at config time on an unknown method or option
         self.method = method  # FLARE's job export reads constructor args back from same-named attributes
         self.num_rounds = num_rounds
         self.min_clients = min_clients
@@ -64,16 +67,19 @@ class LoraController(ModelController):
         self.task_timeout = task_timeout
         self.wait_for_clients_timeout = wait_for_clients_timeout
         self.server_threads = server_threads
+        self.method_options = method_options
 
     def run(self) -> None:
         fobs.register(TensorDecomposer)
         if self.server_threads:
             torch.set_num_threads(self.server_threads)
-        self.strategy = get_method(self.method)
+        self.strategy = get_method(self.method, **(self.method_options or {}))
         self.rounds: list[dict] = []  # one aggregated global state per round
         self.merged: dict[str, int] = {}  # rounds each site has installed, as it last reported
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self.log = {"method": self.method, "num_rounds": self.num_rounds, "rounds": [], "final": {}}
+        if self.method_options:
+            self.log["method_options"] = dict(self.method_options)
         rng = random.Random(self.seed)
 
         for rnd in range(self.num_rounds):

@@ -52,6 +52,49 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-merged", action="store_true", help="also write base+adapter merged as an HF model dir")
 
 
+def add_fedcdd_args(p: argparse.ArgumentParser) -> None:
+    """FedCDD server options and the site-side noise mask (docs/fedcdd.md); all default to off/unset."""
+    g = p.add_argument_group("fedcdd (method options, --method fedcdd only)")
+    g.add_argument("--fedcdd-variant", choices=["full", "consensus", "divergence"], default=None,
+                   help="ablation: full (default), consensus magnitude only, divergence direction only")
+    g.add_argument("--fedcdd-temperature", type=float, default=None, help="similarity temperature (default 0.1)")
+    g.add_argument("--fedcdd-weighting", choices=["uniform", "data"], default=None, help="site prior (default uniform)")
+    g.add_argument("--fedcdd-similarity", choices=["uniqueness", "agreement", "none"], default=None,
+                   help="direction weights (default uniqueness: duplicate sites count once)")
+    g.add_argument("--fedcdd-axis", choices=["column", "row"], default=None, help="decompose columns (default) or rows")
+    g.add_argument("--fedcdd-target", choices=["factors", "delta"], default=None,
+                   help="A and B separately (default) or dW = s B A re-factorised by SVD (heterogeneous ranks)")
+    g = p.add_argument_group("noise mask (site side, any method; NOT differential privacy)")
+    g.add_argument("--mask-rho", type=float, default=None,
+                   help="keep this fraction of each tensor's entries, in (0, 1]")
+    g.add_argument("--mask-sigma", type=float, default=None,
+                   help="std of the Gaussian noise, in parameter units (default 0.001)")
+    g.add_argument("--mask-mode", choices=["replace", "perturb"], default=None, help="default replace")
+    g.add_argument("--mask-importance", choices=["entry", "column"], default=None,
+                   help="|value| (default) or column L2 norm")
+
+
+def fedcdd_recipe_kwargs(args) -> dict:
+    """LoraRecipe keyword arguments from add_fedcdd_args' flags (only those given)."""
+    options = {
+        key: getattr(args, "fedcdd_" + key)
+        for key in ("variant", "temperature", "weighting", "similarity", "axis", "target")
+        if getattr(args, "fedcdd_" + key) is not None
+    }
+    if options and args.method != "fedcdd":
+        raise SystemExit(f"--fedcdd-{next(iter(options))}: only valid with --method fedcdd, got --method {args.method}")
+    kwargs = {"method_options": options or None}
+    mask = {key: getattr(args, "mask_" + key) for key in ("sigma", "mode", "importance")}
+    if args.mask_rho is None:
+        given = [key for key, value in mask.items() if value is not None]
+        if given:
+            raise SystemExit(f"--mask-{given[0]}: needs --mask-rho (the fraction of entries kept)")
+        return kwargs
+    kwargs["mask_rho"] = args.mask_rho
+    kwargs.update({"mask_" + key: value for key, value in mask.items() if value is not None})
+    return kwargs
+
+
 def build_sites(args) -> dict[str, dict]:
     """{site-1: {rank, alpha, ...}, ...} from --ranks and the shared flags, then --site-config."""
     try:
@@ -109,16 +152,20 @@ def run_recipe(recipe, env, name: str, results_dir: str, title: str, model: str 
     A failed simulation still leaves the server's metrics.json (with the reason under "error"), so
     the report is written either way.
     """
+    from nvflare.recipe import SimEnv
+
     try:
-        run = recipe.execute(env)  # raises SystemExit(0) after writing the job folder on --export
         try:
+            run = recipe.execute(env)  # raises SystemExit(0) after writing the job folder on --export
             result = run.get_result(clean_up=False)
             print(f"job {run.get_job_id()} finished with status {run.get_status()}; workspace: {result}")
-        finally:
-            env.stop()
-    except RuntimeError as e:  # SimEnv: the simulator exited non-zero
-        print(f"job failed: {e}", file=sys.stderr)
-        result = env.get_job_result(name)
+        except RuntimeError as e:
+            print(f"job failed: {e}", file=sys.stderr)
+            if not isinstance(env, SimEnv):  # POC / prod: logs stay in the workspace
+                return 1
+            result = env.get_job_result(name)  # the simulator exited non-zero; its workspace remains
+    finally:
+        env.stop()
     report = collect_results(result, results_dir, title)
     adapter = os.path.join(results_dir, "adapter")
     if save_merged and os.path.isdir(adapter):
@@ -157,3 +204,44 @@ def print_report(report: dict) -> None:
         print(f"adapter: {os.path.join(report['out_dir'], 'adapter')}  (PeftModel.from_pretrained(base, that_dir))")
     if report.get("merged"):
         print(f"merged model: {report['merged']}  (AutoModelForCausalLM.from_pretrained(that_dir))")
+
+
+def lora_job_main(doc: str, **defaults) -> int:
+    """The whole CLI of a LoraRecipe job (flora, fedcdd): parse, validate, run, report.
+
+    Config errors print one line naming site and key and exit 2 instead of a traceback.
+    """
+    from components.flare.recipe import LoraRecipe
+    from components.methods import METHODS
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=METHODS, default="flora")
+    p.add_argument("--name", default=None, help="job name (default: the method)")
+    add_common_args(p)
+    add_fedcdd_args(p)
+    p.set_defaults(**defaults)
+    args = p.parse_args()
+    name = args.name or args.method
+    try:
+        sites = build_sites(args)
+        recipe = LoraRecipe(
+            name=name,
+            method=args.method,
+            sites=sites,
+            num_rounds=args.rounds,
+            min_clients=args.min_clients,
+            clients_per_round=args.clients_per_round,
+            model=args.model,
+            data=args.data,
+            seed=args.seed,
+            launch_external_process=not args.in_process,
+            site_scripts=site_scripts(args),
+            **fedcdd_recipe_kwargs(args),
+        )
+        env = make_env(args, sites)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = args.results or os.path.join("results", name)
+    title = f"{name}: ranks {args.ranks}"
+    return run_recipe(recipe, env, name, results, title, args.model, args.save_merged)
