@@ -3,12 +3,20 @@
 FLARE runs it in-process or as an external process (ScriptRunner). Each task it installs the
 global state the server sent (method strategy), evaluates that global model on the site's held-out
 split, and — for "train" tasks — trains its own LoRA and uploads the factors.
+
+``--method selective`` (nvflare_jobs/selective_layer) swaps the per-task work for the
+:class:`SelectiveSite` task handler — "score" (per-layer gradient statistics and the site's layer
+budget), "train" (only the assigned decoder layers, full weights or their LoRA factors) and
+"validate" — on the same model loading, data, train and eval loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import replace
 
 import nvflare.client as flare
@@ -19,9 +27,19 @@ from components.data.site_data import load_site_data
 from components.flare.site_args import from_args
 from components.methods import get_method
 from components.training.config import SiteConfig
-from components.training.lora import add_lora, base_weights, lora_state
+from components.training.lora import (
+    add_lora,
+    base_weights,
+    layer_parameters,
+    layer_state,
+    load_layer_state,
+    lora_state,
+    reset_lora,
+    score_parameters,
+    set_trainable_layers,
+)
 from components.training.models import load_model_and_tokenizer, resolve_model_dir
-from components.training.trainer import evaluate, set_threads, train_lora
+from components.training.trainer import evaluate, layer_criterion, layer_scores, set_threads, train_lora
 
 log = logging.getLogger("flare_lora.client")
 
@@ -33,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="dir with <site>.jsonl files; default: embedded tasks")
     p.add_argument("--site-index", type=int, default=0, help="picks the embedded task mix")
     p.add_argument("--site-config", nargs="*", default=[], help="key=value tokens: rank=8 alpha=16 ...")
+    g = p.add_argument_group("selective layers (--method selective)")
+    g.add_argument("--mode", choices=["full", "lora"], default="lora", help="train full layer weights or their LoRA factors")
+    g.add_argument("--budget", type=int, default=None, help="layers this site may train per round (default: all)")
+    g.add_argument("--score-batches", type=int, default=2, help="local batches the layer scores are measured on")
+    g.add_argument("--init-seed", type=int, default=0, help="LoRA init shared by every site (lora mode)")
     return p.parse_args(argv)
 
 
@@ -42,6 +65,9 @@ def main(argv=None) -> None:
     site = flare.get_site_name()
     cfg = SiteConfig.from_dict(from_args(args.site_config), site)
     set_threads(cfg.threads)
+    if args.method == SELECTIVE:
+        serve(SelectiveSite.from_args(args, site, cfg))
+        return
     method = get_method(args.method)
 
     model, tokenizer = load_model_and_tokenizer(resolve_model_dir(args.model))
@@ -65,6 +91,142 @@ def main(argv=None) -> None:
         stats = train_lora(model, tokenizer, train_set, replace(cfg, seed=seed), desc=f"{site} round {rnd}")
         meta.update(num_examples=len(train_set), rank=cfg.rank, alpha=cfg.alpha, train=stats)
         flare.send(FLModel(params=lora_state(model), params_type=ParamsType.FULL, metrics=metrics, meta=meta))
+
+
+# --- selective-layer fine-tuning ------------------------------------------------------------
+
+SELECTIVE = "selective"
+BUDGET_CAP_ENV = "FLARE_LORA_MAX_LAYERS"
+
+
+def budget_cap(site: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """The site admin's cap on the layers this site trains per round, from its environment.
+
+    ``FLARE_LORA_MAX_LAYERS_<SITE>`` (site name upper-cased, other characters as ``_``, e.g.
+    ``FLARE_LORA_MAX_LAYERS_SITE_2``) wins over ``FLARE_LORA_MAX_LAYERS``. The job cannot set
+    either: they live in the environment of the site's FLARE client process.
+    """
+    environ = os.environ if environ is None else environ
+    specific = f"{BUDGET_CAP_ENV}_{re.sub(r'[^A-Za-z0-9]', '_', site).upper()}"
+    for name in (specific, BUDGET_CAP_ENV):
+        text = environ.get(name)
+        if text is None or not text.strip():
+            continue
+        try:
+            cap = int(text)
+        except ValueError:
+            cap = 0
+        if cap < 1:
+            raise ValueError(f"site {site!r}: {name}={text!r}: expected an integer >= 1")
+        return cap
+    return None
+
+
+class SelectiveSite:
+    """Client half of selective-layer fine-tuning: answers "score", "train" and "validate" tasks.
+
+    Invariant: between tasks the site's model *is* the global model at the layer versions it
+    reports — every payload's layers are installed, and after local training the site uploads
+    its assigned layers and restores their global values. Plain torch, no FLARE calls: the
+    FLARE loop (:func:`serve`) and in-process benchmarks drive the same object.
+    """
+
+    def __init__(self, model, tokenizer, train_set, eval_set, cfg: SiteConfig, *, site: str,
+                 site_index: int = 0, mode: str = "lora", budget: int | None = None,
+                 score_batches: int = 2, environ: Mapping[str, str] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.train_set, self.eval_set = train_set, eval_set
+        self.cfg, self.site, self.site_index, self.mode = cfg, site, site_index, mode
+        self.num_layers = len(layer_parameters(model, mode))
+        self.configured_budget = self.num_layers if budget is None else budget
+        self.budget_cap = budget_cap(site, environ)
+        self.budget = min(self.configured_budget, self.budget_cap or self.configured_budget)
+        self.score_batches = score_batches
+        self.versions: dict[int, int] = {}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, site: str, cfg: SiteConfig) -> SelectiveSite:
+        model, tokenizer = load_model_and_tokenizer(resolve_model_dir(args.model))
+        if args.mode == "lora":
+            model = add_lora(model, cfg, site)
+            reset_lora(model, args.init_seed)  # every site starts from the same adapter
+        else:
+            for param in model.parameters():
+                param.requires_grad_(False)
+        train_set, eval_set = load_site_data(args.data, site, args.site_index, seed=cfg.seed)
+        handler = cls(model, tokenizer, train_set, eval_set, cfg, site=site, site_index=args.site_index,
+                      mode=args.mode, budget=args.budget, score_batches=args.score_batches)
+        log.info(f"{site}: {len(train_set)} train / {len(eval_set)} eval records, mode {args.mode}, "
+                 f"{handler.num_layers} layers, budget {handler.budget} (cap {handler.budget_cap})")
+        return handler
+
+    def install(self, params: Mapping, meta: Mapping) -> None:
+        """Load the global layers the server sent and record their versions."""
+        if params:
+            load_layer_state(self.model, dict(params), self.mode)
+        for layer, version in (meta.get("layer_versions") or {}).items():
+            self.versions[int(layer)] = int(version)
+
+    def digest(self) -> str:
+        return weights_digest(dict(self.model.named_parameters()))
+
+    def _meta(self, **extra) -> dict:
+        return {"layer_versions": {str(k): v for k, v in sorted(self.versions.items())},
+                "num_layers": self.num_layers, **extra}
+
+    def handle(self, task: str, params: Mapping, meta: Mapping, rnd: int = 0) -> tuple[dict, dict, dict]:
+        """(params, metrics, meta) to send back for one task."""
+        self.install(params, meta)
+        if task == "score":
+            return {}, {}, self.score(meta.get("criterion", "grad_norm"), rnd)
+        metrics = evaluate(self.model, self.tokenizer, self.eval_set, self.cfg)
+        if task != "train":
+            return {}, metrics, self._meta(digest=self.digest())
+        update, stats = self.train(meta.get("layers") or [], rnd)
+        layers = sorted({int(l) for l in meta.get("layers") or []})
+        return update, metrics, self._meta(num_examples=len(self.train_set), layers=layers, train=stats)
+
+    def score(self, criterion: str, rnd: int = 0) -> dict:
+        stats = layer_scores(
+            self.model, self.tokenizer, self.train_set, self.cfg, score_parameters(self.model, self.mode),
+            batches=self.score_batches, seed=self.cfg.seed * 1000003 + rnd * 1009 + self.site_index + 17,
+        )
+        return self._meta(
+            scores=layer_criterion(stats, criterion), criterion=criterion, budget=self.budget,
+            budget_configured=self.configured_budget, budget_cap=self.budget_cap,
+            score_tokens=stats["tokens"], score_seconds=stats["seconds"],
+        )
+
+    def train(self, layers, rnd: int = 0) -> tuple[dict, dict | None]:
+        """Train only ``layers``; return their trained tensors, then restore their global values."""
+        layers = sorted({int(l) for l in layers})
+        if not layers:
+            return {}, None
+        snapshot = layer_state(self.model, layers, self.mode)
+        set_trainable_layers(self.model, layers, self.mode)
+        seed = self.cfg.seed * 1000003 + rnd * 1009 + self.site_index
+        try:
+            stats = train_lora(self.model, self.tokenizer, self.train_set, replace(self.cfg, seed=seed),
+                               desc=f"{self.site} round {rnd} layers {layers}")
+            update = layer_state(self.model, layers, self.mode)
+        finally:
+            load_layer_state(self.model, snapshot, self.mode)
+            set_trainable_layers(self.model, [], self.mode)
+        stats["layers"] = layers
+        return update, stats
+
+
+def serve(handler: SelectiveSite) -> None:
+    """The FLARE Client API loop around a task handler."""
+    while flare.is_running():
+        task = flare.receive()
+        if task is None:
+            break
+        params, metrics, meta = handler.handle(
+            flare.get_task_name(), task.params or {}, task.meta or {}, task.current_round or 0
+        )
+        flare.send(FLModel(params=params or None, params_type=ParamsType.FULL if params else None,
+                           metrics=metrics, meta=meta))
 
 
 if __name__ == "__main__":

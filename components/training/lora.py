@@ -104,3 +104,113 @@ def base_weights(model: nn.Module) -> dict[str, Tensor]:
             continue
         weights[".".join(part for part in parts if part != "base_layer")] = param
     return weights
+
+
+# --- selective-layer fine-tuning: per-decoder-layer parameters ---------------------------------
+#
+# Wire keys: "full" mode uses the base model's parameter names (``model.layers.3.mlp.up_proj.weight``);
+# "lora" mode uses PEFT state-dict keys (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``).
+# Both carry the layer index that ``components.algorithms.layer_average.layer_of`` reads.
+
+LAYER_MODES = ("full", "lora")
+
+
+def _lora_wire_key(name: str, adapter: str = "default") -> str:
+    """PEFT parameter name -> state-dict key (the adapter name is dropped, as PEFT does)."""
+    return name.replace(f".lora_A.{adapter}.", ".lora_A.").replace(f".lora_B.{adapter}.", ".lora_B.")
+
+
+def layer_parameters(model: nn.Module, mode: str) -> dict[int, dict[str, nn.Parameter]]:
+    """{layer: {wire key: parameter}} for every decoder layer, the tensors a selective job trains.
+
+    "full": every parameter of the block (attention, MLP, norms). "lora": the block's LoRA factors
+    (``model`` must carry an adapter). Raises ValueError when the layers found are not 0..K-1 of
+    the model's ``num_hidden_layers``.
+    """
+    from components.algorithms.layer_average import layer_of
+
+    if mode not in LAYER_MODES:
+        raise ValueError(f"mode: expected one of {list(LAYER_MODES)}, got {mode!r}")
+    if mode == "lora" and not isinstance(model, PeftModel):
+        raise ValueError("mode 'lora' needs a model with a LoRA adapter (add_lora)")
+    out: dict[int, dict[str, nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        if is_lora != (mode == "lora"):
+            continue
+        layer = layer_of(name)
+        if layer is None:
+            continue
+        key = _lora_wire_key(name) if is_lora else name.replace(".base_layer.", ".")
+        out.setdefault(layer, {})[key] = param
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not out or (expected is not None and sorted(out) != list(range(expected))):
+        raise ValueError(
+            f"mode {mode!r}: expected parameters in decoder layers 0..{expected - 1 if expected else '?'}, "
+            f"found layers {sorted(out)}"
+        )
+    return dict(sorted(out.items()))
+
+
+def score_parameters(model: nn.Module, mode: str) -> dict[int, dict[str, nn.Parameter]]:
+    """{layer: {name: parameter}} whose gradient scores a layer.
+
+    "full": the block's weights (what full mode trains). "lora": the base weights of the modules
+    the adapter targets: their gradient is what the layer's low-rank update approximates (a fresh
+    adapter's own gradient is zero for A, since B = 0).
+    """
+    if mode == "full":
+        return layer_parameters(model, "full")
+    from components.algorithms.layer_average import layer_of
+    from components.algorithms.merge import base_weight_name
+
+    weights = base_weights(model)
+    prefixes = {key.rsplit(".lora_", 1)[0] for layer in layer_parameters(model, "lora").values() for key in layer}
+    out: dict[int, dict[str, nn.Parameter]] = {}
+    for prefix in sorted(prefixes):
+        name = base_weight_name(prefix)
+        out.setdefault(layer_of(name), {})[name] = weights[name]
+    return dict(sorted(out.items()))
+
+
+def set_trainable_layers(model: nn.Module, layers, mode: str) -> int:
+    """Only the given layers' tensors (of ``mode``) require grad; everything else is frozen.
+
+    Returns the number of trainable elements.
+    """
+    chosen = {int(l) for l in layers}
+    by_layer = layer_parameters(model, mode)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    count = 0
+    for layer, params in by_layer.items():
+        for param in params.values():
+            param.requires_grad_(layer in chosen)
+            count += param.numel() if layer in chosen else 0
+    return count
+
+
+def layer_state(model: nn.Module, layers, mode: str) -> dict[str, Tensor]:
+    """The given layers' tensors keyed for the wire, as detached float32 CPU copies."""
+    by_layer = layer_parameters(model, mode)
+    return {
+        key: param.detach().to("cpu", torch.float32).clone()
+        for layer in sorted({int(l) for l in layers})
+        for key, param in by_layer[layer].items()
+    }
+
+
+@torch.no_grad()
+def load_layer_state(model: nn.Module, state: dict[str, Tensor], mode: str) -> None:
+    """Copy wire-keyed layer tensors into the model; unknown keys or shapes raise ValueError."""
+    params = {key: p for layer in layer_parameters(model, mode).values() for key, p in layer.items()}
+    unknown = sorted(set(state) - set(params))
+    mismatched = [
+        f"{key}: expected {tuple(params[key].shape)}, got {tuple(state[key].shape)}"
+        for key in sorted(set(state) & set(params))
+        if params[key].shape != state[key].shape
+    ]
+    if unknown or mismatched:
+        raise ValueError(f"layer state does not fit the model: unknown keys {_few(unknown)}, shape mismatches {_few(mismatched)}")
+    for key, value in state.items():
+        params[key].copy_(value.to(device=params[key].device, dtype=params[key].dtype))

@@ -161,3 +161,91 @@ def _generate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> list[st
         for i, row in zip(chunk, out[:, width:]):
             answers[i] = tokenizer.decode(row, skip_special_tokens=True)
     return answers
+
+
+def layer_scores(model, tokenizer, records: list[dict], cfg: SiteConfig, params_by_layer: dict, *,
+                 batches: int, seed: int) -> dict:
+    """Per-layer gradient statistics of the answer loss on ``batches`` local batches.
+
+    ``params_by_layer`` is {layer: {name: parameter}} (e.g. ``lora.score_parameters``); frozen
+    parameters are unfrozen for the measurement and restored after. Each batch holds
+    cfg.batch_size records drawn like training draws them (seeded shuffle). Returns lists over
+    the K layers:
+
+    - ``grad_sq``: ‖g_l‖², the squared norm of the layer's gradient of the token-averaged loss
+      over all the batches together (the selective criterion);
+    - ``weight_sq``: ‖w_l‖² (relative gradient norm RGN = grad_sq / weight_sq);
+    - ``batch_norms``: [batches][K] the per-batch gradient norms ‖g_l,b‖ (SNR = mean / std);
+    plus ``tokens`` and ``seconds``. No optimizer step and no ``.grad`` is touched.
+    """
+    if not records:
+        raise ValueError("layer_scores: got no records")
+    if batches < 1:
+        raise ValueError(f"layer_scores: batches must be >= 1, got {batches}")
+    set_threads(cfg.threads)
+    layers = sorted(params_by_layer)
+    flat = [(layer, p) for layer in layers for p in params_by_layer[layer].values()]
+    params = [p for _, p in flat]
+    flags = [p.requires_grad for p in params]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    order = _cycle(len(records), seed)
+    pad_id = tokenizer.pad_token_id
+    batch_norms, total = [], 0
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()  # no dropout: the score measures the model, not a noise draw
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for _ in range(batches):
+                batch = collate([encode(tokenizer, records[next(order)], cfg.max_length)
+                                 for _ in range(cfg.batch_size)], pad_id)
+                loss, n = _loss_sum(model, batch)
+                grads = torch.autograd.grad(loss / max(n, 1), params, allow_unused=True)
+                sq = dict.fromkeys(layers, 0.0)
+                for (layer, _), g, a in zip(flat, grads, acc):
+                    if g is not None:
+                        sq[layer] += float(g.float().pow(2).sum())
+                        a.add_(g.float(), alpha=n)
+                batch_norms.append([math.sqrt(sq[layer]) for layer in layers])
+                total += n
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    grad_sq = dict.fromkeys(layers, 0.0)
+    weight_sq = dict.fromkeys(layers, 0.0)
+    for (layer, p), a in zip(flat, acc):
+        grad_sq[layer] += float(a.div_(max(total, 1)).pow(2).sum())
+        weight_sq[layer] += float(p.detach().float().pow(2).sum())
+    return {
+        "grad_sq": [grad_sq[layer] for layer in layers],
+        "weight_sq": [weight_sq[layer] for layer in layers],
+        "batch_norms": batch_norms,
+        "tokens": total,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def layer_criterion(stats: dict, criterion: str) -> list[float]:
+    """The K numbers a site reports for a selection criterion, from ``layer_scores`` output.
+
+    "grad_norm": ‖g_l‖²; "rgn": ‖g_l‖² / ‖w_l‖²; "snr": mean / std of the per-batch gradient
+    norms (needs >= 2 batches; std is the population std plus 1e-12).
+    """
+    if criterion == "grad_norm":
+        return list(stats["grad_sq"])
+    if criterion == "rgn":
+        return [g / w if w > 0 else 0.0 for g, w in zip(stats["grad_sq"], stats["weight_sq"])]
+    if criterion == "snr":
+        norms = stats["batch_norms"]
+        if len(norms) < 2:
+            raise ValueError(f"criterion 'snr' needs >= 2 score batches, got {len(norms)}")
+        out = []
+        for column in zip(*norms):
+            mean = sum(column) / len(column)
+            std = math.sqrt(sum((x - mean) ** 2 for x in column) / len(column))
+            out.append(mean / (std + 1e-12))
+        return out
+    raise ValueError(f"criterion: expected 'grad_norm', 'rgn' or 'snr', got {criterion!r}")
