@@ -1,6 +1,5 @@
 """End to end: real FLARE simulator jobs (nvflare_jobs/flora/job.py) on a tiny random Llama."""
 
-import json
 import os
 import subprocess
 import sys
@@ -136,19 +135,26 @@ def test_fewer_valid_sites_than_min_clients_fails_clearly(tmp_path, tiny_model_d
 
 
 def test_config_errors_name_site_and_key(tmp_path, tiny_model_dir):
-    overrides = tmp_path / "sites.json"
-    overrides.write_text(json.dumps({"site-2": {"rank": 0}}))
-    _, _, proc = run_job(tmp_path, tiny_model_dir, "--site-config", str(overrides), expect_ok=False)
-    assert proc.returncode != 0
-    assert "site-2" in proc.stderr and "rank" in proc.stderr
-    _, _, proc = run_job(tmp_path, tiny_model_dir, "--min-clients", "4", expect_ok=False)
-    assert "min_clients" in proc.stderr
-    _, _, proc = run_job(tmp_path, tiny_model_dir, "--method", "fedit", "--ranks", "2,4", expect_ok=False)
-    assert "site-2" in proc.stderr and "fedit" in proc.stderr
+    """Validation happens when the recipe is built, before any FLARE process starts."""
+    from components.flare.recipe import LoraRecipe
+    from components.training.config import ConfigError
+
+    def build(**kwargs):
+        sites = kwargs.pop("sites", {"site-1": {"rank": 2}, "site-2": {"rank": 4}})
+        return LoraRecipe(sites=sites, model=str(tiny_model_dir), **kwargs)
+
+    with pytest.raises(ConfigError, match="site 'site-2': key 'rank'"):
+        build(sites={"site-1": {"rank": 2}, "site-2": {"rank": 0}})
+    with pytest.raises(ConfigError, match="min_clients"):
+        build(min_clients=3)
+    with pytest.raises(ConfigError, match="site 'site-2'.*fedit"):
+        build(method="fedit")
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        LoraRecipe(sites={"site-1": {}}, model=str(tmp_path / "no-such-model"))
+    # the CLI turns them into one line and exit code 2; a malformed JSONL line is named by file:line
     data = tmp_path / "data"
     data.mkdir()
     (data / "site-1.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
     _, _, proc = run_job(tmp_path, tiny_model_dir, "--ranks", "2", "--data", str(data), expect_ok=False)
     assert proc.returncode == 2 and "site-1.jsonl:2" in proc.stderr, proc.stderr[-2000:]
-    _, _, proc = run_job(tmp_path, tmp_path / "no-such-model", expect_ok=False)
-    assert proc.returncode == 2 and "no-such-model" in proc.stderr
+    assert "Traceback" not in proc.stderr
