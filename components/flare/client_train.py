@@ -81,8 +81,9 @@ def main(argv=None) -> None:
         if task is None:
             break
         rnd = task.current_round or 0
-        seed = cfg.seed * 1000003 + rnd * 1009 + (args.site_index if method.site_specific_init else 0)
-        merged = method.install(model, task.params or {}, merged, seed=seed)
+        seed = cfg.seed * 1000003 + rnd * 1009 + args.site_index  # this site's data order this round
+        init_seed = seed if method.site_specific_init else seed - args.site_index  # averaging: shared init
+        merged = method.install(model, task.params or {}, merged, seed=init_seed)
         metrics = evaluate(model, tokenizer, eval_set, cfg)
         meta = {"merged_rounds": merged, "base_digest": weights_digest(base_weights(model))}
         if not flare.is_train():
