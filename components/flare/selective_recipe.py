@@ -1,0 +1,195 @@
+"""``SelectiveRecipe``: the FLARE Recipe of a selective-layer fine-tuning job.
+
+Validates the configuration before anything starts (site, key, expected vs got) — including each
+site's layer budget against the model's number of decoder layers when the model is local — then
+wires the SelectiveController on the server and, per site, the shared client script
+(``components/flare/client_train.py --method selective``) with that site's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from nvflare.client.config import ExchangeFormat
+from nvflare.fuel.utils.constants import FrameworkType
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.script_runner import ScriptRunner
+from nvflare.recipe.spec import Recipe
+
+from components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
+from components.data.site_data import load_site_data
+from components.flare import client_train
+from components.flare.selective_controller import SelectiveController
+from components.flare.site_args import to_args
+from components.training.config import ConfigError, SiteConfig
+
+CLIENT_SCRIPT = os.path.abspath(client_train.__file__)
+SELECTIVE_KEYS = ("budget",)  # per-site keys beyond SiteConfig's
+
+
+def model_num_layers(model: str | None) -> int | None:
+    """num_hidden_layers of a local model (the default one when it resolves), else None."""
+    path = None
+    if model is None:
+        try:
+            from components.training.models import resolve_model_dir
+
+            path = resolve_model_dir(None)
+        except (FileNotFoundError, OSError, ImportError):
+            return None
+    elif os.path.isdir(model):
+        path = model
+    config = os.path.join(path or "", "config.json")
+    if not path or not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        value = json.load(f).get("num_hidden_layers")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+class SelectiveRecipe(Recipe):
+    def __init__(
+        self,
+        *,
+        sites: Mapping[str, Mapping],
+        name: str = "selective_layer",
+        selection: str = "selective",
+        mode: str = "lora",
+        lam: float = 0.0,
+        sel_gap: int = 1,
+        score_batches: int = 2,
+        num_rounds: int = 3,
+        min_clients: int | None = None,
+        clients_per_round: int | None = None,
+        model: str | None = None,
+        data: str | None = None,
+        costs: list[int] | None = None,
+        seed: int = 0,
+        launch_external_process: bool = True,
+        command: str = "python3 -u",
+        task_timeout: int = 0,
+        wait_for_clients_timeout: float = 300.0,
+        site_scripts: Mapping[str, str] | None = None,
+    ):
+        """Args:
+        sites: {site: settings}: the keys of SiteConfig (rank, alpha, target_modules, lr,
+            local_steps, batch_size, ...) plus ``budget``, the number of decoder layers the site
+            trains per round (default: all; in cost units with ``costs``).
+        selection: "selective" (the consistency-regularised solver) or a baseline: full, top,
+            bottom, random, rgn, snr.
+        mode: "lora" (LoRA factors of the chosen layers; every site needs the same rank, alpha
+            and target modules, since a layer's adapter is averaged FedIT-style) or "full".
+        lam: λ >= 0, the weight of the selection-consistency term (selective only).
+        sel_gap: re-select layers every sel_gap rounds.
+        score_batches: local batches each site measures its layer scores on (snr needs >= 2).
+        costs: per-layer integer costs (default 1 each).
+        Other args as in LoraRecipe.
+        """
+        if selection not in CRITERIA:
+            raise ConfigError(f"selection: expected one of {list(CRITERIA)}, got {selection!r}")
+        if mode not in ("lora", "full"):
+            raise ConfigError(f"mode: expected 'lora' or 'full', got {mode!r}")
+        lam = check_lam(lam)
+        if not sites:
+            raise ConfigError("sites: expected at least one site, got none")
+        for key, value in (("num_rounds", num_rounds), ("sel_gap", sel_gap), ("score_batches", score_batches)):
+            _check_positive(key, value)
+        if selection == "snr" and score_batches < 2:
+            raise ConfigError(f"score_batches: selection 'snr' needs >= 2 (mean/std over batches), got {score_batches}")
+        if clients_per_round is not None:
+            _check_positive("clients_per_round", clients_per_round)
+        min_clients = min_clients if min_clients is not None else min(clients_per_round or len(sites), len(sites))
+        _check_positive("min_clients", min_clients)
+        if min_clients > len(sites):
+            raise ConfigError(f"min_clients: expected <= number of sites ({len(sites)}), got {min_clients}")
+        for label, path in (("model", model), ("data", data)):
+            if path and os.path.sep in path and not os.path.exists(path):
+                raise FileNotFoundError(f"{label} directory not found: {path}")
+
+        budgets, configs = {}, {}
+        for site, settings in sites.items():
+            settings = dict(settings)
+            budgets[site] = settings.pop("budget", None)
+            configs[site] = SiteConfig.from_dict(settings, site)
+        if mode == "lora":
+            _check_same_adapter(configs)
+        num_layers = model_num_layers(model)
+        if num_layers is not None:
+            layer_costs = check_costs(costs, num_layers)
+            given = {s: b for s, b in budgets.items() if b is not None}
+            if given:
+                check_budgets(list(given.values()), len(given), layer_costs, list(given))
+        else:
+            for site, b in budgets.items():
+                if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+                    raise ConfigError(f"site {site!r}: budget: expected an integer >= 1, got {b!r}")
+        if data and os.path.isdir(data):
+            for index, site in enumerate(configs):
+                load_site_data(data, site, index, seed=configs[site].seed)
+        if not launch_external_process:
+            for label, path in (("model", model), ("data", data)):
+                if path and any(c.isspace() for c in path):
+                    raise ConfigError(f"{label}: in-process mode cannot pass a path with spaces: {path!r}")
+
+        self.sites = {s: c.to_dict() for s, c in configs.items()}
+        self.budgets = budgets
+        self.num_layers = num_layers
+        first = next(iter(configs.values()))
+        job = FedJob(name=name, min_clients=min_clients)
+        job.to_server(
+            SelectiveController(
+                num_rounds=num_rounds,
+                selection=selection,
+                mode=mode,
+                lam=lam,
+                sel_gap=sel_gap,
+                min_clients=min_clients,
+                clients_per_round=clients_per_round,
+                site_budgets={s: b for s, b in budgets.items() if b is not None},
+                num_layers=num_layers,
+                costs=list(costs) if costs is not None else None,
+                scaling=first.alpha / first.rank,
+                base_model=model or "",
+                seed=seed,
+                task_timeout=task_timeout,
+                wait_for_clients_timeout=wait_for_clients_timeout,
+            ),
+            id="controller",
+        )
+        for index, (site, cfg) in enumerate(self.sites.items()):
+            args = ["--method", client_train.SELECTIVE, "--mode", mode, "--site-index", str(index)]
+            args += ["--score-batches", str(score_batches), "--init-seed", str(seed)]
+            args += ["--budget", str(budgets[site])] if budgets[site] is not None else []
+            args += ["--model", model] if model else []
+            args += ["--data", os.path.abspath(data)] if data else []
+            args += ["--site-config", *to_args(cfg)]
+            runner = ScriptRunner(
+                script=(site_scripts or {}).get(site, CLIENT_SCRIPT),
+                script_args=" ".join(args),
+                launch_external_process=launch_external_process,
+                command=command,
+                framework=FrameworkType.PYTORCH,
+                server_expected_format=ExchangeFormat.PYTORCH,
+            )
+            job.to(runner, site)
+        super().__init__(job)
+
+
+def _check_positive(key: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
+
+
+def _check_same_adapter(configs: Mapping[str, SiteConfig]) -> None:
+    """lora mode averages each layer's A's and B's elementwise: one rank, alpha and module set."""
+    first_site, first = next(iter(configs.items()))
+    for site, cfg in configs.items():
+        for key in ("rank", "alpha", "target_modules"):
+            if getattr(cfg, key) != getattr(first, key):
+                raise ConfigError(
+                    f"site {site!r}: key {key!r}: mode 'lora' needs the same value at every site "
+                    f"(expected {getattr(first, key)!r} as at {first_site!r}, got {getattr(cfg, key)!r}); "
+                    "give every site the same one, or use mode 'full'"
+                )

@@ -1,0 +1,218 @@
+"""Selective-layer fine-tuning: the site task handler on a real tiny model, and FLARE simulator jobs
+(nvflare_jobs/selective_layer/job.py) end to end on a 4-layer tiny random Llama."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOKENIZER_DIR
+
+from components.algorithms.layer_average import layer_of
+from components.data.synthetic import default_site_data
+from components.flare.client_train import SelectiveSite, budget_cap
+from components.flare.selective_recipe import SelectiveRecipe
+from components.report import load_metrics
+from components.training.config import ConfigError, SiteConfig
+from components.training.lora import add_lora, layer_state, reset_lora
+from components.training.models import load_model_and_tokenizer, make_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "nvflare_jobs" / "selective_layer" / "job.py"
+BAD_LAYER_SITE = Path(__file__).parent / "sites" / "bad_layer_site.py"
+
+
+@pytest.fixture(scope="session")
+def tiny4_model_dir(tmp_path_factory) -> str:
+    """A 4-layer, 64-wide Llama with SmolLM2's tokenizer: K = 4 selectable layers."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), TOKENIZER_DIR, layers=4)
+
+
+def site(model_dir, mode, budget=2, environ=None):
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    cfg = SiteConfig(rank=2, alpha=4.0, local_steps=2, batch_size=2, threads=1, max_eval=4, lr=1e-2)
+    if mode == "lora":
+        model = add_lora(model, cfg)
+        reset_lora(model, 0)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    train, evaluation = default_site_data(0, n_train=8, n_eval=4)
+    return SelectiveSite(model, tokenizer, train, evaluation, cfg, site="site-2", mode=mode, budget=budget,
+                         score_batches=2, environ=environ or {})
+
+
+# --- the site task handler (no FLARE) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_site_scores_then_trains_only_its_layers_and_stays_global(tiny4_model_dir, mode):
+    s = site(tiny4_model_dir, mode)
+    assert s.num_layers == 4
+    for criterion in ("grad_norm", "rgn", "snr"):
+        _, _, meta = s.handle("score", {}, {"criterion": criterion})
+        assert len(meta["scores"]) == 4 and all(x > 0 and x < float("inf") for x in meta["scores"])
+        assert meta["budget"] == 2 and meta["criterion"] == criterion
+    before_all = {k: v.detach().clone() for k, v in s.model.named_parameters()}
+    digest = s.digest()
+    update, metrics, meta = s.handle("train", {}, {"layers": [1, 3]}, rnd=0)
+    assert "eval_loss" in metrics and meta["layers"] == [1, 3] and meta["num_examples"] == 8
+    assert {layer_of(k) for k in update} == {1, 3}
+    current = layer_state(s.model, [1, 3], mode)
+    assert set(update) == set(current)
+    assert any(not torch.equal(update[k], current[k]) for k in update)  # trained, then restored
+    # after the task the site holds the global model again (its own training is only in the upload)
+    assert s.digest() == digest
+    # installing a global layer changes exactly that layer and records its version
+    s.install({k: v for k, v in update.items() if layer_of(k) == 1}, {"layer_versions": {"1": 1}})
+    assert s.versions == {1: 1}
+    changed = {layer_of(k) for k, v in s.model.named_parameters() if not torch.equal(v, before_all[k])}
+    assert changed == {1}
+
+
+def test_site_budget_cap_from_the_site_environment(tiny4_model_dir):
+    assert budget_cap("site-2", {"FLARE_LORA_MAX_LAYERS": "3", "FLARE_LORA_MAX_LAYERS_SITE_2": "1"}) == 1
+    assert budget_cap("site-1", {"FLARE_LORA_MAX_LAYERS": "3", "FLARE_LORA_MAX_LAYERS_SITE_2": "1"}) == 3
+    assert budget_cap("site-1", {}) is None
+    with pytest.raises(ValueError, match="site 'site-1': FLARE_LORA_MAX_LAYERS='zero'"):
+        budget_cap("site-1", {"FLARE_LORA_MAX_LAYERS": "zero"})
+    s = site(tiny4_model_dir, "full", budget=3, environ={"FLARE_LORA_MAX_LAYERS_SITE_2": "1"})
+    _, _, meta = s.handle("score", {}, {})
+    assert (meta["budget"], meta["budget_configured"], meta["budget_cap"]) == (1, 3, 1)
+
+
+def test_recipe_rejects_bad_config_naming_site_and_key(tiny4_model_dir):
+    sites = {"site-1": {"budget": 2}, "site-2": {"budget": 5}}
+    with pytest.raises(ValueError, match=r"site 'site-2': budget: expected an integer in \[1, 4"):
+        SelectiveRecipe(sites=sites, model=tiny4_model_dir)
+    with pytest.raises(ValueError, match=r"site 'site-1': budget"):
+        SelectiveRecipe(sites={"site-1": {"budget": 0}}, model=tiny4_model_dir)
+    with pytest.raises(ValueError, match="lam"):
+        SelectiveRecipe(sites={"site-1": {}}, model=tiny4_model_dir, lam=-1)
+    with pytest.raises(ConfigError, match="site 'site-2': key 'rank': mode 'lora' needs the same"):
+        SelectiveRecipe(sites={"site-1": {"rank": 2}, "site-2": {"rank": 4}}, model=tiny4_model_dir)
+    with pytest.raises(ConfigError, match="snr"):
+        SelectiveRecipe(sites={"site-1": {}}, model=tiny4_model_dir, selection="snr", score_batches=1)
+    recipe = SelectiveRecipe(sites={"site-1": {"rank": 2}, "site-2": {"rank": 4}}, model=tiny4_model_dir, mode="full")
+    assert recipe.num_layers == 4
+
+
+def test_server_vets_scores_and_updates_naming_the_site():
+    """The controller's checks, without a running FLARE server: bad reports are rejected, logged
+    in the round record with the site's name, and leave no selection behind."""
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from components.flare.selective_controller import SelectiveController
+
+    c = SelectiveController(num_layers=4, site_budgets={"site-2": 3})
+    c.site_scores, c.assigned, c.K, c.known_shapes, c.layer_keys = {}, {}, 4, {}, None
+    cases = [
+        ({"scores": [1, float("nan"), 1, 1], "budget": 2}, "site 'site-2': scores: layer 1 is nan"),
+        ({"scores": [1, 1, float("inf"), 1], "budget": 2}, "site 'site-2': scores: layer 2 is inf"),
+        ({"scores": [1, 1, 1], "budget": 2}, "site 'site-2': scores: expected 4 numbers (one per layer), got 3"),
+        ({"budget": 2}, "site 'site-2': scores: expected a list of 4 numbers"),
+        ({"scores": [1, 1, 1, 1], "budget": 0}, "site 'site-2': budget: expected an integer in [1, 4"),
+        ({"scores": [1, 1, 1, 1], "budget": 5}, "site 'site-2': budget: expected an integer in [1, 4"),
+    ]
+    for meta, message in cases:
+        record = {"sites": {"site-2": {}}}
+        c._vet_scores(0, "site-2", FLModel(metrics={}, meta=meta), record)
+        assert message in record["sites"]["site-2"]["rejected"], (meta, record)
+        assert "site-2" not in c.site_scores
+    record = {"sites": {"site-2": {}}}
+    c._vet_scores(0, "site-2", FLModel(metrics={}, meta={"scores": [4, 3, 2, 1], "budget": 4}), record)
+    assert c.site_scores["site-2"] == ([4.0, 3.0, 2.0, 1.0], 3)  # clamped to the job's budget
+    # an update carrying a layer the site was not assigned is rejected; the assigned one passes
+    c.assigned["site-2"] = [1]
+    good = {"model.layers.1.mlp.up_proj.weight": torch.ones(2, 2)}
+    record = {"sites": {"site-2": {}}}
+    bad = FLModel(params={**good, "model.layers.3.mlp.up_proj.weight": torch.ones(2, 2)}, meta={"num_examples": 4})
+    assert c._vet_update(0, "site-2", bad, record) is None
+    assert "returned layer(s) [3] it was not assigned (assigned [1])" in record["sites"]["site-2"]["rejected"]
+    assert c._vet_update(0, "site-2", FLModel(params=good, meta={"num_examples": 4}), record)[0] == "site-2"
+
+
+# --- FLARE simulator jobs ------------------------------------------------------------------
+
+
+def run_job(tmp_path, model_dir, *args, env_extra=None, expect_ok=True):
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(JOB), "--model", str(model_dir), "--workspace", str(tmp_path / "ws")]
+    cmd += ["--results", str(results), "--steps", "2", "--batch-size", "2", "--threads", "1", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    metrics = results / "metrics.json"
+    return (load_metrics(metrics) if metrics.exists() else None), results, proc
+
+
+@pytest.mark.e2e
+def test_selective_lora_job_with_heterogeneous_budgets_and_an_admin_cap(tmp_path, tiny4_model_dir):
+    log, results, proc = run_job(
+        tmp_path, tiny4_model_dir, "--budgets", "1,2,4", "--rounds", "2", "--lam", "0.1", "--rank", "2",
+        env_extra={"FLARE_LORA_MAX_LAYERS_SITE_3": "3"},  # site-3's admin caps the job's 4 layers at 3
+    )  # fmt: skip
+    assert log["selection"] == "selective" and log["mode"] == "lora" and log["num_layers"] == 4
+    assert len(log["rounds"]) == 2 and len(log["selections"]) == 2
+    for sel in log["selections"]:
+        assert sel["budgets"] == {"site-1": 1, "site-2": 2, "site-3": 3}
+        for s, layers in sel["layers"].items():
+            assert len(layers) <= sel["budgets"][s]
+    for record, sel in zip(log["rounds"], log["selections"]):
+        assert sorted(record["aggregated"]) == ["site-1", "site-2", "site-3"]
+        trained = sorted({l for layers in sel["layers"].values() for l in layers})
+        assert record["layers_updated"] == trained
+        for s, entry in record["sites"].items():
+            assert entry["layers"] == sel["layers"][s] and entry["budget_cap"] == (3 if s == "site-3" else None)
+    # every site ends holding the same model; the adapter is a loadable PEFT adapter
+    digests = {s: e["digest"] for s, e in log["final"]["sites"].items()}
+    assert len(digests) == 3 and len(set(digests.values())) == 1, digests
+    assert "layer selections" in proc.stdout and "site-3" in proc.stdout
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny4_model_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, results / "adapter").merge_and_unload().state_dict()
+    changed = {layer_of(k) for k, v in merged.items() if not torch.equal(v, before[k])}
+    assert changed and changed <= {int(k) for k in log["rounds"][-1]["layer_versions"]}
+
+
+@pytest.mark.e2e
+def test_full_mode_rejects_a_site_that_trains_an_unassigned_layer(tmp_path, tiny4_model_dir):
+    log, results, proc = run_job(
+        tmp_path, tiny4_model_dir, "--mode", "full", "--selection", "snr", "--budgets", "2,1,2", "--sel-gap", "2",
+        "--rounds", "2", "--min-clients", "2", "--in-process", "--site-script", f"site-3={BAD_LAYER_SITE}",
+    )  # fmt: skip
+    assert log["mode"] == "full" and log["selection"] == "snr"
+    # --sel-gap 2: one selection (round 0); round 1 reuses it without a score task
+    assert [sel["round"] for sel in log["selections"]] == [0]
+    assert [e["assigned"] for e in log["rounds"][0]["sites"].values()] == [e["assigned"] for e in log["rounds"][1]["sites"].values()]
+    assert "score_upload_bytes" in log["rounds"][0]["sites"]["site-1"]
+    assert "score_upload_bytes" not in log["rounds"][1]["sites"]["site-1"]
+    for record in log["rounds"]:
+        assert sorted(record["aggregated"]) == ["site-1", "site-2"]
+        rejected = record["sites"]["site-3"]["rejected"]
+        assert "it was not assigned" in rejected, rejected
+        assert record["layers_updated"] == sorted({l for s in ("site-1", "site-2") for l in record["sites"][s]["layers"]})
+    assert "rejected update from site-3" in (proc.stdout + proc.stderr)
+    digests = {s: e.get("digest") for s, e in log["final"]["sites"].items() if s != "site-3"}
+    assert len(set(digests.values())) == 1 and None not in digests.values()
+    from safetensors.torch import load_file
+
+    layers = load_file(results / "layers.safetensors")
+    assert {layer_of(k) for k in layers} == {int(k) for k in log["rounds"][-1]["layer_versions"]}
+
+
+@pytest.mark.e2e
+def test_job_config_errors_fail_before_the_job_starts(tmp_path, tiny4_model_dir):
+    overrides = tmp_path / "sites.json"
+    overrides.write_text(json.dumps({"site-2": {"budget": 9}}))  # K = 4
+    _, _, proc = run_job(tmp_path, tiny4_model_dir, "--site-config", str(overrides), expect_ok=False)
+    assert proc.returncode == 2 and not (tmp_path / "ws").exists()
+    assert "site 'site-2': budget: expected an integer in [1, 4" in proc.stderr, proc.stderr[-2000:]
