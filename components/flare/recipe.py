@@ -18,7 +18,6 @@ from nvflare.job_config.script_runner import ScriptRunner
 from nvflare.recipe.spec import Recipe
 
 from components.data.site_data import load_site_data
-from components.flare import client_train
 from components.algorithms.noise_mask import check_mask_options
 from components.flare.controller import LoraController
 from components.flare.noise_mask import NoiseMaskFilter
@@ -26,7 +25,7 @@ from components.flare.site_args import to_args
 from components.methods import get_method
 from components.training.config import ConfigError, SiteConfig
 
-CLIENT_SCRIPT = os.path.abspath(client_train.__file__)
+CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_train.py")  # a path: importing it would load the trainer
 PACKAGE_DIR = os.path.dirname(os.path.dirname(CLIENT_SCRIPT))  # .../components
 
 

@@ -20,12 +20,11 @@ from nvflare.recipe.spec import Recipe
 
 from components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
 from components.data.site_data import load_site_data
-from components.flare import client_train
 from components.flare.selective_controller import SelectiveController
 from components.flare.site_args import to_args
 from components.training.config import ConfigError, SiteConfig
 
-CLIENT_SCRIPT = os.path.abspath(client_train.__file__)
+CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_train.py")  # a path: importing it would load the trainer
 SELECTIVE_KEYS = ("budget",)  # per-site keys beyond SiteConfig's
 
 
@@ -159,7 +158,7 @@ class SelectiveRecipe(Recipe):
             id="controller",
         )
         for index, (site, cfg) in enumerate(self.sites.items()):
-            args = ["--method", client_train.SELECTIVE, "--mode", mode, "--site-index", str(index)]
+            args = ["--method", "selective", "--mode", mode, "--site-index", str(index)]
             args += ["--score-batches", str(score_batches), "--init-seed", str(seed)]
             args += ["--budget", str(budgets[site])] if budgets[site] is not None else []
             args += ["--model", model] if model else []
