@@ -1,0 +1,118 @@
+"""FLARE task-result filter: client-level Gaussian DP on a site's update before it leaves the site.
+
+Runs in the site's FLARE client on the outgoing result, wired either by the job
+(``LoraRecipe(client_dp={...})`` / ``--client-dp-clip --client-dp-sigma``) or by the site's admin in
+``local/privacy.json`` (a scope's ``task_result_filters``; docs/dp.md, docs/privacy.json). The math
+is privacy/client_dp.py: reference + clip(update − reference, C) + N(0, σ²C²), where the reference
+is the state local training started from (privacy/update_reference.py).
+
+Fails closed: a weights result it cannot privatise (no reference, a DXO kind it does not know, a
+spent budget) raises, so FLARE answers TASK_RESULT_FILTER_ERROR and nothing is sent. Metrics-only
+results (validation, layer scores) pass unchanged: their content is not covered (docs/dp.md).
+Each release is charged before it is sent to a ledger in the site workspace
+(``flare_lora_privacy/client_dp.json``), so ε accumulates across rounds, jobs and restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+
+from privacy.client_dp import check_client_dp, privatize, release, update_norm
+from privacy.ledger import PrivacyLedger, ledger_path
+from privacy.update_reference import META_KEY, load_reference
+
+LEDGER_NAME = "client_dp.json"
+
+
+class ClientDPFilter(DXOFilter):
+    def __init__(self, clip: float, sigma: float, delta: float = 1e-5, epsilon_max: float | None = None,
+                 accountant: str = "rdp", seed: int | None = None):
+        """Args:
+        clip: C, the L2 norm the site's change is clipped to (in parameter units).
+        sigma: noise multiplier σ: each entry gets N(0, (σC)²).
+        delta: δ at which ε is reported.
+        epsilon_max: the site's budget; a release that would pass it is refused (nothing is sent).
+        accountant: "rdp" or "prv" (Opacus).
+        seed: fixed noise seed (tests only; None draws the noise from OS entropy).
+        """
+        super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
+        check_client_dp(clip, sigma, delta, epsilon_max)
+        if accountant not in ("rdp", "prv"):
+            raise ValueError(f"client DP accountant: expected 'rdp' or 'prv', got {accountant!r}")
+        # FLARE's job export reads constructor args back from same-named attributes
+        self.clip = clip
+        self.sigma = sigma
+        self.delta = delta
+        self.epsilon_max = epsilon_max
+        self.accountant = accountant
+        self.seed = seed
+        self._ledgers: dict[str | None, PrivacyLedger] = {}
+        self._calls = 0
+
+    def _ledger(self, fl_ctx: FLContext) -> PrivacyLedger:
+        engine = fl_ctx.get_engine()
+        root = engine.get_workspace().get_root_dir() if engine is not None else None
+        if root not in self._ledgers:
+            self._ledgers[root] = PrivacyLedger(ledger_path(root, LEDGER_NAME))
+        return self._ledgers[root]
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        if dxo.data_kind == DataKind.METRICS:
+            return None
+        site = fl_ctx.get_identity_name()
+        if dxo.data_kind not in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
+            raise ValueError(f"client DP at {site!r}: cannot privatise a {dxo.data_kind} result; not sending it")
+        tensors, kinds = {}, {}
+        for key, value in dxo.data.items():
+            if isinstance(value, np.ndarray):
+                tensors[key], kinds[key] = torch.from_numpy(np.ascontiguousarray(value)), "numpy"
+            elif isinstance(value, torch.Tensor):
+                tensors[key], kinds[key] = value, "torch"
+            else:
+                raise ValueError(f"client DP at {site!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if dxo.data_kind == DataKind.WEIGHT_DIFF:  # already the change the site made
+            reference = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in tensors.items()}
+        else:
+            reference = load_reference(dxo.meta)
+        ledger = self._ledger(fl_ctx)
+        after = ledger.epsilon(self.delta, self.accountant, release(self.sigma))
+        if self.epsilon_max is not None and after > self.epsilon_max:
+            raise RuntimeError(
+                f"client DP at {site!r}: this release would spend ε={after:.3f} > epsilon_max {self.epsilon_max:g} "
+                f"({len(ledger.entries)} releases so far); refusing to send the update"
+            )
+        rnd = shareable.get_header(AppConstants.CURRENT_ROUND)
+        rnd = self._calls if rnd is None else int(rnd)
+        self._calls += 1
+        ledger.charge(*release(self.sigma), site=site, round=rnd, job=fl_ctx.get_job_id(), clip=self.clip)
+        seed = secrets.randbits(63) if self.seed is None else int.from_bytes(
+            hashlib.sha256(f"{self.seed}|{site}|{rnd}".encode()).digest()[:8], "big") >> 1
+        generator = torch.Generator().manual_seed(seed)
+        change = update_norm({k: tensors[k].float() - reference[k].float() for k in tensors})
+        noisy = privatize(tensors, reference, self.clip, self.sigma, generator)
+        for key, value in noisy.items():
+            original = tensors[key]
+            value = value.to(original.dtype) if original.is_floating_point() else value
+            dxo.data[key] = value.numpy() if kinds[key] == "numpy" else value
+        dxo.meta.pop(META_KEY, None)
+        spent = ledger.epsilon(self.delta, self.accountant)
+        report = {"epsilon": spent, "delta": self.delta, "sigma": self.sigma, "clip": self.clip,
+                  "releases": len(ledger.entries), "accountant": self.accountant, "epsilon_max": self.epsilon_max}
+        dxo.meta["client_dp"] = report
+        metrics = dxo.meta.get(MetaKey.INITIAL_METRICS)
+        if isinstance(metrics, dict):
+            metrics["client_dp_epsilon"] = spent
+        self.log_info(fl_ctx, f"client DP: {site} round {rnd}: change of norm {change:.4g} clipped to {self.clip:g}, "
+                              f"noise std {self.sigma * self.clip:g} on {len(tensors)} tensors; ε={spent:.4g} "
+                              f"at δ={self.delta:g} after {len(ledger.entries)} release(s)")
+        return dxo
+

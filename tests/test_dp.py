@@ -1,0 +1,421 @@
+"""Differential privacy: Opacus DP-SGD in the shared loop, the site ledger and budget, client-level
+DP (math and FLARE filter), update references per method, DP config and job wiring.
+
+Real Opacus, real PEFT, a tiny random Llama; every claim is measured (per-record gradients by
+separate backward passes, noise by subtraction), not assumed.
+"""
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from components.data.prompts import collate, encode
+from components.methods import get_method
+from components.training.config import ConfigError, SiteConfig
+from components.training.lora import add_lora, layer_state, lora_state, reset_lora
+from components.training.models import load_model_and_tokenizer
+from components.training.trainer import _sample_losses, train_lora
+from privacy.client_dp import clip_update, client_epsilon, privatize, update_norm
+from privacy.dp_sgd import DPSGD, DPUnsupported, PrivacyBudgetExceeded, admin_budget
+from privacy.ledger import PrivacyLedger, site_root
+from privacy.update_reference import META_KEY, load_reference, save_reference
+
+RECORDS = [
+    {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
+    for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (6, 3), (7, 0), (4, 4), (1, 1), (2, 5), (3, 3)] * 4
+]  # 40 records: δ = 1e-5 < 1/N, q = batch / 40
+
+
+def dp_config(**kw) -> SiteConfig:
+    base = dict(rank=4, alpha=8.0, local_steps=3, batch_size=2, max_length=32, dp_noise_multiplier=0.8)
+    return SiteConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def site(tiny_model_dir):
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    return add_lora(model, dp_config(), "site-1"), tokenizer
+
+
+# --- accounting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_reported_epsilon_equals_opacus_accountant_across_rounds_and_restarts(site, tmp_path, accountant):
+    model, tokenizer = site
+    cfg = dp_config(dp_accountant=accountant)
+    ledger = tmp_path / "ledger.json"
+    dp = DPSGD(cfg, len(RECORDS), site="site-1", ledger=PrivacyLedger(str(ledger)), noise_seed=0)
+    reference = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    rounds = 2 if accountant == "rdp" else 1  # PRV's ε takes seconds to compute
+    for rnd in range(rounds):
+        stats = train_lora(model, tokenizer, RECORDS, cfg, dp=dp)
+        for _ in range(cfg.local_steps):
+            reference.step(noise_multiplier=0.8, sample_rate=2 / 40)
+        assert stats["dp"]["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+        assert stats["dp"]["steps"] == cfg.local_steps * (rnd + 1) and stats["dp"]["sample_rate"] == 2 / 40
+    # a restarted site reads the same ledger back: same spent budget
+    again = DPSGD(cfg, len(RECORDS), site="site-1", ledger=PrivacyLedger(str(ledger)))
+    assert again.spent == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+    assert len(json.loads(ledger.read_text())["entries"]) == rounds
+
+
+def test_target_epsilon_sets_sigma_over_the_planned_steps():
+    cfg = dp_config(dp_noise_multiplier=None, dp_epsilon=4.0, dp_planned_steps=30)
+    dp = DPSGD(cfg, len(RECORDS))
+    expected = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=2 / 40, steps=30)
+    assert dp.noise_multiplier == expected
+    assert 3.95 <= dp.epsilon_after(30) <= 4.0
+    with pytest.raises(ConfigError, match="key 'dp_planned_steps'"):
+        DPSGD(dp_config(dp_noise_multiplier=None, dp_epsilon=4.0), len(RECORDS), site="site-1")
+
+
+# --- DP-SGD mechanics ---------------------------------------------------------------------------
+
+
+def per_record_grads(model, tokenizer, records, params):
+    """Each record's gradient by its own backward pass (no Opacus)."""
+    grads = []
+    for record in records:
+        sums, counts = _sample_losses(model, collate([encode(tokenizer, record, 32)], tokenizer.pad_token_id))
+        grads.append(torch.autograd.grad((sums / counts).sum(), params))
+    return grads
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "functorch", "ghost", "fast"])
+def test_per_record_gradients_are_clipped_and_noise_matches_sigma_c(site, clipping):
+    model, tokenizer = site
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch_records = RECORDS[:4]
+    grads = per_record_grads(model, tokenizer, batch_records, params)
+    norms = [math.sqrt(sum(float(g.pow(2).sum()) for g in gs)) for gs in grads]
+    clip = statistics.median(norms)  # some records clipped, some not
+    assert min(norms) < clip < max(norms)
+    expected = [sum(g * min(1.0, clip / n) for g, n in zip(per_param, norms)) for per_param in zip(*grads)]
+
+    cfg = dp_config(local_steps=1, dp_max_grad_norm=clip, dp_clipping=clipping, dp_noise_multiplier=2.0)
+    dp = DPSGD(cfg, len(RECORDS), noise_seed=7)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    captured = {}
+    with dp.session(model, optimizer, len(RECORDS), cfg) as session:
+        sums, counts = _sample_losses(model, collate([encode(tokenizer, r, 32) for r in batch_records],
+                                                     tokenizer.pad_token_id))
+        session.backward(sums / counts)
+        summed = [p.summed_grad.clone() for p in params]
+        session.optimizer.attach_step_hook(lambda opt: captured.update(grads=[p.grad.clone() for p in params]))
+        session.step()
+    for got, want in zip(summed, expected):  # Σ_i min(1, C/‖g_i‖) g_i, with the norms we measured
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    assert math.sqrt(sum(float(s.pow(2).sum()) for s in summed)) <= len(batch_records) * clip * (1 + 1e-4)
+    noise = torch.cat([(g * dp.sample_rate * dp.num_records - s).flatten() for g, s in zip(captured["grads"], summed)])
+    assert noise.numel() > 1000
+    assert float(noise.std()) == pytest.approx(2.0 * clip, rel=0.1) and abs(float(noise.mean())) < 0.1 * 2.0 * clip
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in params)  # Opacus detached
+
+
+def test_noise_is_present_and_reproducible_only_with_a_seed(tiny_model_dir):
+    cfg = dp_config(local_steps=1)
+
+    def train(noise_seed):
+        model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+        peft = add_lora(model, cfg, "site-1")
+        train_lora(peft, tokenizer, RECORDS, cfg, dp=DPSGD(cfg, len(RECORDS), noise_seed=noise_seed))
+        return torch.cat([v.flatten() for v in lora_state(peft).values()])
+
+    same, again, other, secure = train(1), train(1), train(2), train(None)
+    assert torch.equal(same, again)
+    assert not torch.allclose(same, other) and not torch.allclose(same, secure)
+    assert not torch.allclose(secure, train(None))  # OS entropy: no public seed reproduces the noise
+
+
+def test_opacus_failure_is_loud_and_charges_nothing(tiny_model_dir):
+    """Ghost clipping cannot handle the tied embedding of full-parameter training."""
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = dp_config(dp_clipping="ghost", batch_size=40, local_steps=1)  # q = 1: the first draw is not empty
+    dp = DPSGD(cfg, len(RECORDS), site="site-3")
+    with pytest.raises(DPUnsupported, match="site 'site-3': Opacus \\(ghost\\) cannot .*refusing to train without DP"):
+        train_lora(model, tokenizer, RECORDS, cfg, dp=dp)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and dp.ledger.steps == 0
+
+
+# --- budget -------------------------------------------------------------------------------------
+
+
+def test_budget_refuses_before_training_and_survives_restarts(site, tmp_path):
+    model, tokenizer = site
+    path = str(tmp_path / "ledger.json")
+    cfg = dp_config()
+    one_round = DPSGD(cfg, len(RECORDS)).epsilon_after(cfg.local_steps)
+    two_rounds = DPSGD(cfg, len(RECORDS)).epsilon_after(2 * cfg.local_steps)
+    budget = dict(dp_epsilon_max=(one_round + two_rounds) / 2)
+    dp = DPSGD(dp_config(**budget), len(RECORDS), site="site-2", ledger=PrivacyLedger(path))
+    train_lora(model, tokenizer, RECORDS, dp_config(**budget), dp=dp)
+    before = lora_state(model)
+    with pytest.raises(PrivacyBudgetExceeded, match="site 'site-2': key 'dp_epsilon_max'.*refusing to train"):
+        train_lora(model, tokenizer, RECORDS, dp_config(**budget), dp=dp)
+    assert all(torch.equal(v, lora_state(model)[k]) for k, v in before.items())
+    # a restart with a budget already spent fails before training, naming site and key
+    with pytest.raises(ConfigError, match="site 'site-2': key 'dp_epsilon_max': budget .* already spent"):
+        DPSGD(dp_config(dp_epsilon_max=one_round * 0.9), len(RECORDS), site="site-2", ledger=PrivacyLedger(path))
+    # the site admin's budget (environment) wins when smaller
+    env = {"FLARE_LORA_DP_EPSILON_MAX_SITE_2": "0.5", "FLARE_LORA_DP_EPSILON_MAX": "9"}
+    assert admin_budget("site-2", env) == 0.5 and admin_budget("site-1", env) == 9.0
+    with pytest.raises(ConfigError, match="FLARE_LORA_DP_EPSILON_MAX_SITE_2='x'"):
+        admin_budget("site-2", {"FLARE_LORA_DP_EPSILON_MAX_SITE_2": "x"})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="refusing to start from an empty budget"):
+        PrivacyLedger(str(tmp_path / "bad.json"))
+
+
+def test_site_workspace_holds_the_ledger(tmp_path):
+    root = tmp_path / "site-1"
+    (root / "startup").mkdir(parents=True)
+    (root / "local").mkdir()
+    app = root / "job-1" / "app_site-1"
+    app.mkdir(parents=True)
+    assert site_root(str(app)) == str(root) and site_root(str(tmp_path)) is None
+    dp = DPSGD.for_site(dp_config(), "site-1", len(RECORDS), workspace=str(app), environ={})
+    assert dp.ledger.path == str(root / "flare_lora_privacy" / "dp_sgd.json")
+    assert DPSGD.for_site(SiteConfig(), "site-1", len(RECORDS)) is None
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"dp_epsilon": 0}, "dp_epsilon"),
+    ({"dp_epsilon": -1.0}, "dp_epsilon"),
+    ({"dp_epsilon": float("nan")}, "dp_epsilon"),
+    ({"dp_noise_multiplier": 0}, "dp_noise_multiplier"),
+    ({"dp_epsilon": 1.0, "dp_delta": 0}, "dp_delta"),
+    ({"dp_epsilon": 1.0, "dp_delta": 1.0}, "dp_delta"),
+    ({"dp_epsilon": 1.0, "dp_delta": 1.5}, "dp_delta"),
+    ({"dp_epsilon": 1.0, "dp_max_grad_norm": 0}, "dp_max_grad_norm"),
+    ({"dp_epsilon": 1.0, "dp_max_grad_norm": -2.0}, "dp_max_grad_norm"),
+    ({"dp_epsilon": 1.0, "dp_accountant": "gdp"}, "dp_accountant"),
+    ({"dp_epsilon": 1.0, "dp_clipping": "magic"}, "dp_clipping"),
+    ({"dp_epsilon": 1.0, "dp_noise_multiplier": 1.0}, "dp_noise_multiplier"),
+    ({"dp_max_grad_norm": 1.0}, "dp_max_grad_norm"),  # a DP option with DP off: never silently off
+    ({"dp_epsilon_max": 8.0}, "dp_epsilon_max"),
+    ({"dp_epsilon": 8.0, "dp_epsilon_max": 4.0}, "dp_epsilon"),
+])
+def test_bad_dp_settings_name_site_and_key(settings, key):
+    with pytest.raises(ConfigError, match=f"site 'site-2': key '{key}'"):
+        SiteConfig.from_dict(settings, "site-2")
+
+
+def test_delta_must_be_below_one_over_n():
+    with pytest.raises(ConfigError, match="site 'site-1': key 'dp_delta': expected < 1 / training records"):
+        DPSGD(dp_config(dp_delta=0.05), len(RECORDS), site="site-1")
+
+
+# --- client-level DP ----------------------------------------------------------------------------
+
+
+def state(seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return {"m.lora_A.weight": torch.randn(8, 64, generator=g) * scale, "m.lora_B.weight": torch.randn(64, 8, generator=g) * scale}
+
+
+def test_client_update_is_clipped_to_c_and_noise_is_sigma_c():
+    reference, change = state(0), state(1, scale=0.1)
+    result = {k: reference[k] + change[k] for k in reference}
+    clip = 0.3 * update_norm(change)
+    clipped = privatize(result, reference, clip, 0.0)
+    delta = {k: clipped[k] - reference[k] for k in clipped}
+    assert update_norm(delta) == pytest.approx(clip, rel=1e-5)
+    for k in delta:  # same direction, only shorter
+        torch.testing.assert_close(delta[k], change[k] * (clip / update_norm(change)), rtol=1e-4, atol=1e-6)
+    inside = privatize(result, reference, 2 * update_norm(change), 0.0)
+    assert all(torch.allclose(inside[k], result[k], atol=1e-6) for k in result)
+    noisy = privatize(result, reference, clip, 1.5, torch.Generator().manual_seed(0))
+    noise = torch.cat([(noisy[k] - clipped[k]).flatten() for k in noisy])
+    assert float(noise.std()) == pytest.approx(1.5 * clip, rel=0.05)
+    again = privatize(result, reference, clip, 1.5, torch.Generator().manual_seed(0))
+    assert all(torch.equal(again[k], noisy[k]) for k in noisy)
+    with pytest.raises(ValueError, match="missing"):
+        privatize(result, {"m.lora_A.weight": reference["m.lora_A.weight"]}, clip, 1.0)
+
+
+def test_client_epsilon_is_the_gaussian_mechanism_with_sensitivity_2c():
+    accountant = RDPAccountant()
+    for _ in range(5):
+        accountant.step(noise_multiplier=3.0 / 2, sample_rate=1.0)
+    assert client_epsilon(3.0, 5, 1e-5) == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-12)
+    assert client_epsilon(3.0, 0, 1e-5) == 0.0
+
+
+def filter_call(flt, data, meta, rnd, kind=None):
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.app_constant import AppConstants
+
+    dxo = DXO(kind or DataKind.WEIGHTS, data=data, meta={MetaKey.INITIAL_METRICS: {"eval_loss": 1.0}, **meta})
+    shareable = dxo.to_shareable()
+    shareable.set_header(AppConstants.CURRENT_ROUND, rnd)
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=False)
+    return from_shareable(flt.process(shareable, ctx))
+
+
+def test_flare_filter_privatizes_the_change_accounts_rounds_and_fails_closed(tmp_path):
+    from nvflare.apis.dxo import DataKind, MetaKey
+
+    from privacy.client_dp_filter import ClientDPFilter
+
+    reference, change = state(0), state(1, scale=0.01)
+    result = {k: reference[k] + change[k] for k in reference}
+    meta = save_reference(reference, str(tmp_path), "site-2_round0")
+    out = filter_call(ClientDPFilter(clip=0.05, sigma=1.0, seed=3), {k: v.clone() for k, v in result.items()}, meta, 0)
+    noise = torch.cat([(out.data[k] - reference[k] - clip_update(change, 0.05)[k]).flatten() for k in result])
+    assert float(noise.std()) == pytest.approx(0.05, rel=0.05)
+    assert META_KEY not in out.meta and out.meta["client_dp"]["releases"] == 1
+    assert out.meta[MetaKey.INITIAL_METRICS]["client_dp_epsilon"] == pytest.approx(client_epsilon(1.0, 1, 1e-5))
+    # same seed reproduces, another seed differs
+    flt = ClientDPFilter(clip=0.05, sigma=1.0, seed=3)
+    same = filter_call(flt, {k: v.clone() for k, v in result.items()}, meta, 0)
+    assert all(torch.equal(same.data[k], out.data[k]) for k in result)
+    other = filter_call(ClientDPFilter(clip=0.05, sigma=1.0, seed=4), {k: v.clone() for k, v in result.items()}, meta, 0)
+    assert not torch.equal(other.data["m.lora_A.weight"], out.data["m.lora_A.weight"])
+    # accounting across rounds: the second release of the same filter composes
+    second = filter_call(flt, {k: v.clone() for k, v in result.items()}, meta, 1)
+    assert second.meta[MetaKey.INITIAL_METRICS]["client_dp_epsilon"] == pytest.approx(client_epsilon(1.0, 2, 1e-5))
+    # a WEIGHT_DIFF result already is the change: zero reference, no meta needed
+    diff = filter_call(ClientDPFilter(clip=0.05, sigma=1e-6), {k: v.clone() for k, v in change.items()}, {}, 0,
+                       kind=DataKind.WEIGHT_DIFF)
+    assert update_norm(diff.data) == pytest.approx(0.05, rel=1e-3)
+    # metrics-only results pass unchanged
+    metrics = filter_call(ClientDPFilter(clip=0.05, sigma=1.0), {"eval_loss": 1.0}, {}, 0, kind=DataKind.METRICS)
+    assert metrics.data == {"eval_loss": 1.0}
+    # fail closed: no reference, a changed reference, a spent budget
+    with pytest.raises(ValueError, match="no 'update_reference'"):
+        filter_call(ClientDPFilter(clip=0.05, sigma=1.0), dict(result), {}, 0)
+    save_reference(state(5), str(tmp_path), "site-2_round0")  # overwritten after the digest was taken
+    with pytest.raises(ValueError, match="digest mismatch"):
+        load_reference(meta)
+    budget = ClientDPFilter(clip=0.05, sigma=1.0, epsilon_max=client_epsilon(1.0, 1, 1e-5) * 1.1)
+    meta = save_reference(reference, str(tmp_path), "site-2_round1")
+    filter_call(budget, dict(result), meta, 0)
+    with pytest.raises(RuntimeError, match="refusing to send the update"):
+        filter_call(budget, dict(result), meta, 1)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(clip=0, sigma=1.0), "clip"), (dict(clip=1.0, sigma=-1), "sigma"), (dict(clip=1.0, sigma=1.0, delta=1.0), "delta"),
+    (dict(clip=1.0, sigma=1.0, epsilon_max=0), "epsilon_max"), (dict(clip=float("inf"), sigma=1.0), "clip"),
+])
+def test_client_filter_bad_options_name_the_key(kwargs, key):
+    from privacy.client_dp_filter import ClientDPFilter
+
+    with pytest.raises(ValueError, match=f"client DP {key}"):
+        ClientDPFilter(**kwargs)
+
+
+# --- the reference is where local training started, for every method ------------------------------
+
+
+@pytest.mark.parametrize("method_name, rank", [("flora", 4), ("fedit", 4), ("zero_pad", 2)])
+def test_update_reference_is_the_installed_start_for_each_method(tiny_model_dir, method_name, rank):
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    cfg = SiteConfig(rank=rank, alpha=2.0 * rank, local_steps=3, batch_size=4, max_length=32, lr=1e-2)
+    peft = add_lora(model, cfg, "site-1")
+    method = get_method(method_name)
+    if method_name == "flora":
+        method.install(peft, {}, 0, seed=11)  # FLoRA: a fresh seeded adapter every round
+    else:  # averaging methods: a non-zero global adapter of rank 4 (zero-pad: this rank-2 site takes a slice)
+        donor = add_lora(load_model_and_tokenizer(tiny_model_dir)[0], SiteConfig(rank=4, alpha=8.0), "g")
+        reset_lora(donor, 5)
+        global_state = {k: v + 0.05 if "lora_B" in k else v for k, v in lora_state(donor).items()}
+        method.install(peft, global_state, 1, seed=0)
+    reference = lora_state(peft)
+    if method_name == "flora":
+        assert all(float(v.abs().sum()) == 0 for k, v in reference.items() if "lora_B" in k)
+    train_lora(peft, tokenizer, RECORDS, cfg)
+    result = lora_state(peft)
+    change = {k: result[k] - reference[k] for k in result}
+    # the change is what training did; it is small next to the factors (A₀ / the global)
+    assert 0 < update_norm(change) < 0.5 * update_norm(result)
+    # clipping the change at its own norm loses nothing; clipping the raw factors would destroy them
+    kept = privatize(result, reference, update_norm(change) * 1.001, 0.0)
+    assert all(torch.allclose(kept[k], result[k], atol=1e-6) for k in result)
+    raw = clip_update(result, update_norm(change))
+    assert update_norm({k: raw[k] - result[k] for k in result}) > update_norm(change)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_selective_site_reference_and_dp(tiny_model_dir, mode):
+    from components.flare.client_train import SelectiveSite
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    cfg = SiteConfig(rank=4, alpha=8.0, local_steps=2, batch_size=2, max_length=32, lr=1e-2)
+    if mode == "lora":
+        model = add_lora(model, cfg, "site-1")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    handler = SelectiveSite(model, tokenizer, RECORDS, RECORDS[:4], cfg, site="site-1", mode=mode)
+    global_layer = layer_state(model, [1], mode)
+    update, _ = handler.train([1])
+    assert sorted(handler.reference) == sorted(update)
+    assert all(torch.equal(handler.reference[k], global_layer[k]) for k in update)  # the global values
+    assert 0 < update_norm({k: update[k] - handler.reference[k] for k in update})
+
+    dp_cfg = SiteConfig(**{**cfg.to_dict(), "dp_noise_multiplier": 1.0, "dp_clipping": "hooks"})
+    private = SelectiveSite(model, tokenizer, RECORDS, RECORDS[:4], dp_cfg, site="site-1", mode=mode,
+                            dp=DPSGD(dp_cfg, len(RECORDS), site="site-1"))
+    scored = private.score("grad_norm")
+    assert scored["scores"] == [0.0] * handler.num_layers and scored["dp_scores"] == "withheld"
+    params, metrics, meta = private.handle("train", {}, {"layers": [0]})
+    assert set(params) == {k for k in layer_state(model, [0], mode)}
+    assert meta["train"]["dp"]["steps"] == 2 and metrics["dp_epsilon"] == pytest.approx(private.dp.spent)
+
+
+# --- job wiring ---------------------------------------------------------------------------------
+
+
+def test_recipes_plan_steps_add_the_filter_and_refuse_score_selection_with_dp(tmp_path, tiny_model_dir):
+    from components.flare.recipe import LoraRecipe
+    from components.flare.selective_recipe import SelectiveRecipe
+
+    sites = {f"site-{k}": {"rank": 2, "local_steps": 3, "dp_epsilon": 8.0} for k in (1, 2)}
+    recipe = LoraRecipe(sites=sites, num_rounds=4, model=tiny_model_dir, client_dp={"clip": 0.1, "sigma": 1.0})
+    assert {c["dp_planned_steps"] for c in recipe.sites.values()} == {12}
+    recipe.export(str(tmp_path / "job"))
+    for path in sorted((tmp_path / "job").rglob("config_fed_client.json")):
+        config = json.loads(path.read_text())
+        (entry,) = config["task_result_filters"]
+        assert entry["tasks"] == ["train"]
+        (flt,) = entry["filters"]
+        assert flt["path"] == "privacy.client_dp_filter.ClientDPFilter"
+        assert flt["args"]["clip"] == 0.1 and flt["args"]["sigma"] == 1.0
+        assert "dp_planned_steps=12" in json.dumps(config["executors"])
+    for app in (tmp_path / "job").rglob("app_site-*"):  # the whole package ships, not a partial copy
+        assert (app / "custom" / "privacy" / "dp_sgd.py").is_file()
+    with pytest.raises(ValueError, match="client DP sigma"):
+        LoraRecipe(sites=sites, model=tiny_model_dir, client_dp={"clip": 0.1, "sigma": 0})
+    with pytest.raises(ConfigError, match="site 'site-1'.*selection 'selective' needs them"):
+        SelectiveRecipe(sites=sites, model=tiny_model_dir, selection="selective")
+    SelectiveRecipe(sites=sites, model=tiny_model_dir, selection="top", client_dp={"clip": 0.1, "sigma": 1.0})
+
+
+def test_job_flags_map_to_site_keys_and_filter_options():
+    import argparse
+
+    from privacy.dp_config import add_dp_args, client_dp_options, dp_site_settings
+
+    p = argparse.ArgumentParser()
+    add_dp_args(p)
+    args = p.parse_args(["--dp-epsilon", "4", "--dp-clipping", "ghost", "--client-dp-clip", "0.1", "--client-dp-sigma", "2"])
+    assert dp_site_settings(args) == {"dp_epsilon": 4.0, "dp_clipping": "ghost"}
+    assert client_dp_options(args) == {"clip": 0.1, "sigma": 2.0}
+    assert client_dp_options(p.parse_args([])) is None and dp_site_settings(p.parse_args([])) == {}
+    with pytest.raises(ConfigError, match="--client-dp-sigma"):
+        client_dp_options(p.parse_args(["--client-dp-clip", "0.1"]))
