@@ -1,0 +1,279 @@
+"""Production pieces that need no running deployment (seconds): server checkpoint, job without code
+vs the sites' class allow-list, provisioning from the project template, site policy, CLI flags.
+
+The deployment itself (provisioned kits running, site crash, server restart) is
+tests/test_production_poc.py; several DDP processes per site is tests/test_ddp.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.flare.checkpoint import CheckpointError, RoundCheckpoint, round_file
+from components.flare.job_cli import add_production_args, production_recipe_kwargs
+from components.flare.provision import render_project
+from components.flare.recipe import LoraRecipe
+from components.flare.site_policy import (
+    CLIENT_ALLOW,
+    HE_ALLOW,
+    NOISE_MASK_ALLOW,
+    SERVER_ALLOW,
+    allow_flare_lora,
+    allow_list_entries,
+    deny_byoc,
+)
+from components.methods import get_method, unpack_rounds
+from components.training.config import ConfigError
+
+IDENTITY = {"method": "flora", "method_options": None, "site_configs": {"site-1": {"rank": 2, "alpha": 4.0}},
+            "base_model": "/models/base"}
+
+
+def _round(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"m.lora_A.weight": torch.randn(2, 8, generator=g), "m.lora_B.weight": torch.randn(8, 2, generator=g)}
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def test_checkpoint_appends_rounds_and_resumes_only_the_same_job(tmp_path):
+    ckpt = RoundCheckpoint(str(tmp_path / "ckpt"))
+    assert not ckpt.exists()
+    rounds, records = [_round(0), _round(1)], [{"round": 0}, {"round": 1}]
+    ckpt.save(IDENTITY, rounds, records, {"rng": [3, [1, 2], None], "scaling": 2.0})
+    first = (tmp_path / "ckpt" / round_file(0)).stat().st_mtime_ns
+
+    saved = ckpt.load(dict(IDENTITY))
+    assert [sorted(r) for r in saved.rounds] == [sorted(r) for r in rounds]
+    assert all(saved.rounds[i][k].equal(rounds[i][k]) for i in range(2) for k in rounds[i])
+    assert saved.records == records and saved.extra == {"rng": [3, [1, 2], None], "scaling": 2.0}
+
+    # the next round adds one file; earlier round files are never rewritten
+    ckpt.save(IDENTITY, rounds + [_round(2)], records + [{"round": 2}])
+    assert (tmp_path / "ckpt" / round_file(0)).stat().st_mtime_ns == first
+    assert len(ckpt.load(IDENTITY).rounds) == 3
+
+    # a crash after a round file but before state.json leaves the previous consistent state
+    (tmp_path / "ckpt" / round_file(3)).write_bytes(b"partial")
+    assert len(ckpt.load(IDENTITY).rounds) == 3
+
+    # what a site that restarted from the base model (merged 0) is sent by the resumed job
+    resumed = ckpt.load(IDENTITY).rounds
+    stacking = unpack_rounds(get_method("flora").payload(resumed, 0))
+    assert list(stacking) == [0, 1, 2] and all(stacking[r][k].equal(resumed[r][k]) for r in stacking for k in resumed[r])
+    averaging = get_method("fedit").payload(resumed, 0)
+    assert all(averaging[k].equal(resumed[-1][k]) for k in resumed[-1])  # the current global
+
+    for key, value in (("method", "fedit"), ("site_configs", {"site-1": {"rank": 4, "alpha": 4.0}}),
+                       ("base_model", "/models/other")):
+        with pytest.raises(CheckpointError, match=f"state.json: key '{key}': expected"):
+            ckpt.load({**IDENTITY, key: value})
+
+
+def test_checkpoint_with_missing_round_file_names_it(tmp_path):
+    ckpt = RoundCheckpoint(str(tmp_path))
+    ckpt.save(IDENTITY, [_round(0), _round(1)], [{}, {}])
+    (tmp_path / round_file(1)).unlink()
+    with pytest.raises(CheckpointError, match="round 1 file missing"):
+        ckpt.load(IDENTITY)
+
+
+# --------------------------------------------------------------------- job without code
+
+
+def _components(job_dir: Path) -> dict[str, list[dict]]:
+    """{app: [every component config (has a "path") the app's configs name]}."""
+    found: dict[str, list[dict]] = {}
+
+    def walk(node, app):
+        if isinstance(node, dict):
+            if isinstance(node.get("path"), str) and "." in node["path"]:
+                found.setdefault(app, []).append(node)
+            for value in node.values():
+                walk(value, app)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, app)
+
+    for config in job_dir.glob("app_*/config/config_fed_*.json"):
+        walk(json.loads(config.read_text()), config.parents[1].name)
+    return found
+
+
+OPTIONS = {  # site_policy option -> LoraRecipe arguments that need it
+    "noise_mask": {"mask_rho": 0.5},
+    "client_dp": {"client_dp": {"clip": 1.0, "sigma": 0.5}},
+    "he": {"he": True},
+}
+
+
+@pytest.mark.parametrize("options", [(), ("noise_mask",), ("client_dp",), ("he",), tuple(OPTIONS)], ids=str)
+def test_job_without_code_passes_the_allow_list_with_exactly_our_entries(tmp_path, tiny_model_dir, options):
+    """``--no-byoc`` export: no app carries code, and with nvflare's own authorizer the sites'
+    default allow-list plus site_policy's entries admits every component, while dropping any one
+    of those entries rejects the component it covers."""
+    from nvflare.apis.fl_exception import UnsafeComponentError
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+    from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
+    from nvflare.fuel.utils.secret_utils import PotentialSecretWarning
+    from nvflare.private.fed.app.default_app_validator import DefaultAppValidator
+
+    kwargs = {k: v for option in options for k, v in OPTIONS[option].items()}
+    recipe = LoraRecipe(sites={"site-1": {"rank": 2}, "site-2": {"rank": 4}}, num_rounds=1, model=tiny_model_dir,
+                        byoc=False, max_result_bytes=10**6, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe.export(str(tmp_path / "export"))
+    assert not [w for w in caught if issubclass(w.category, PotentialSecretWarning)]  # FLARE's secret scan
+    job = tmp_path / "export" / "flora"
+    apps = sorted(p.name for p in job.glob("app_*"))
+    assert apps == ["app_server", "app_site-1", "app_site-2"]
+    assert not list(job.rglob("*.py")), "a job without code must not carry any source"
+    for app in apps:
+        err, info = DefaultAppValidator("server" if app == "app_server" else "client").validate(str(job / app))
+        assert err == "" and not info.get("byoc"), (app, err, info)
+    client = json.loads((job / "app_site-1" / "config" / "config_fed_client.json").read_text())
+    assert client["executors"][0]["executor"]["args"]["command"][:4] == [
+        "python3", "-u", "-m", "components.flare.client_train"]
+
+    class SiteWorkspace:  # what the authorizer reads of a site: its local/resources.json
+        def __init__(self, path):
+            self.path = path
+
+        def get_resources_file_path(self):
+            return str(self.path)
+
+    resources = tmp_path / "resources.json"
+
+    def allowed(component: dict, allow_list: list[str]) -> bool:
+        resources.write_text(json.dumps({"format_version": 2, "class_allow_list": allow_list}))
+        try:
+            ComponentPathAuthorizer().authorize_component_config(component, workspace=SiteWorkspace(resources))
+            return True
+        except UnsafeComponentError:
+            return False
+
+    default = list(DEFAULT_CLASS_ALLOW_LIST)
+    for app, components in _components(job).items():
+        role = "server" if app == "app_server" else "client"
+        entries = allow_list_entries(role, **dict.fromkeys(options, True))
+        assert all(allowed(c, default + entries) for c in components), (app, components)
+        for dropped in entries:  # each entry is needed: without it, its component is rejected
+            rest = [e for e in entries if e != dropped]
+            assert not all(allowed(c, default + rest) for c in components), (app, dropped)
+    assert {c["path"] for c in _components(job)["app_server"]} == set(SERVER_ALLOW)
+    expected_client = set(allow_list_entries("client", **dict.fromkeys(options, True)))
+    assert {c["path"] for c in _components(job)["app_site-1"]} == expected_client
+
+
+def test_job_without_code_refuses_in_process_and_site_scripts(tiny_model_dir):
+    sites = {"site-1": {"rank": 2}}
+    with pytest.raises(ConfigError, match="byoc"):
+        LoraRecipe(sites=sites, model=tiny_model_dir, byoc=False, launch_external_process=False)
+    with pytest.raises(ConfigError, match="byoc"):
+        LoraRecipe(sites=sites, model=tiny_model_dir, byoc=False, site_scripts={"site-1": __file__})
+
+
+# ------------------------------------------------------------------ provisioning + policy
+
+
+def test_project_template_provisions_server_sites_admins_and_he(tmp_path):
+    """``nvflare provision`` on the rendered template: one kit per participant, roles in the admin
+    certificates, and with --he a TenSEAL context whose secret key only the sites hold."""
+    import tenseal as ts
+    import yaml
+    from cryptography import x509
+
+    sites = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    project = render_project(sites, server="fl.coordinator.example.org", he=True)
+    (tmp_path / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+    nvflare = Path(sys.executable).with_name("nvflare")
+    proc = subprocess.run([str(nvflare), "provision", "-p", "project.yml", "-w", "ws"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    prod = tmp_path / "ws" / "flare_lora" / "prod_00"
+    roles = {}
+    for kit in prod.iterdir():
+        cert = prod / kit.name / "startup" / "client.crt"
+        if "@" in kit.name:
+            subject = x509.load_pem_x509_certificate(cert.read_bytes()).subject
+            roles[kit.name] = subject.get_attributes_for_oid(x509.NameOID.UNSTRUCTURED_NAME)[0].value
+    assert roles == {"admin@coordinator.example.org": "project_admin",
+                     **{f"it@{s}.example.org": "org_admin" for s in sites},
+                     **{f"researcher@{s}.example.org": "lead" for s in sites}}
+    server = ts.context_from(
+        (prod / "fl.coordinator.example.org" / "startup" / "server_context.tenseal").read_bytes())
+    assert not server.has_secret_key()
+    for site in sites:
+        assert (prod / site / "startup" / "fed_client.json").is_file()
+        assert ts.context_from((prod / site / "startup" / "client_context.tenseal").read_bytes()).has_secret_key()
+
+    with pytest.raises(ValueError, match="expected lower-case"):
+        render_project(["Hospital A"])
+
+
+def test_site_policy_allows_our_classes_and_denies_byoc(tmp_path):
+    """The site tool on a provisioned kit: entries appended once; the written authorization policy,
+    evaluated by nvflare's own Authorizer, denies byoc to every role and keeps the other rights."""
+    from nvflare.fuel.sec.authz import Authorizer, AuthzContext, Person
+
+    subprocess.run([str(Path(sys.executable).with_name("nvflare")), "provision", "-p", "project.yml", "-w", "ws"],
+                   cwd=_write_project(tmp_path, ["hospital-a"]), capture_output=True, check=True, timeout=120)
+    prod = tmp_path / "ws" / "flare_lora" / "prod_00"
+    site, server = prod / "hospital-a", prod / "fl.coordinator.example.org"
+    assert allow_flare_lora(str(site), noise_mask=True) == list(CLIENT_ALLOW + NOISE_MASK_ALLOW)
+    assert allow_flare_lora(str(site), he=True) == list(HE_ALLOW)
+    assert allow_flare_lora(str(site), noise_mask=True) == []  # idempotent
+    assert allow_flare_lora(str(server)) == list(SERVER_ALLOW)
+    allow = json.loads((site / "local" / "resources.json").read_text())["class_allow_list"]
+    default = json.loads((site / "local" / "resources.json.default").read_text())["class_allow_list"]
+    assert allow == default + list(CLIENT_ALLOW + NOISE_MASK_ALLOW + HE_ALLOW)
+
+    deny_byoc(str(site))
+    authorizer = Authorizer("hospital_a")
+    assert authorizer.load_policy(json.loads((site / "local" / "authorization.json").read_text())) == ""
+    for role in ("project_admin", "org_admin", "lead", "member"):
+        user = Person(f"{role}@x.org", "hospital_a", role)
+        assert not authorizer.authorize(AuthzContext("byoc", user, user))[0], role
+    admin, lead = Person("a@x.org", "coordinator", "project_admin"), Person("l@x.org", "hospital_a", "lead")
+    assert authorizer.authorize(AuthzContext("submit_job", admin, admin))[0]
+    assert authorizer.authorize(AuthzContext("submit_job", lead, lead))[0]
+
+    proc = subprocess.run([sys.executable, "-m", "components.flare.site_policy", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "local/resources.json" in proc.stdout
+
+
+def _write_project(tmp_path: Path, sites: list[str]) -> Path:
+    import yaml
+
+    (tmp_path / "project.yml").write_text(yaml.safe_dump(render_project(sites, server="fl.coordinator.example.org")))
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------- CLI flags
+
+
+def test_production_flags_map_to_recipe_arguments():
+    p = argparse.ArgumentParser()
+    p.add_argument("--in-process", action="store_true")
+    add_production_args(p)
+    assert production_recipe_kwargs(p.parse_args([])) == {
+        "checkpoint_dir": "", "max_result_bytes": 0, "task_timeout": 0, "byoc": True}
+    kwargs = production_recipe_kwargs(p.parse_args(
+        ["--ddp", "4", "--max-result-mb", "1.5", "--checkpoint-dir", "ck", "--no-byoc", "--task-timeout", "600"]))
+    assert kwargs == {"checkpoint_dir": "ck", "max_result_bytes": 1_500_000, "task_timeout": 600, "byoc": False,
+                      "command": "torchrun --standalone --nproc_per_node=4"}
+    with pytest.raises(SystemExit, match="--ddp"):
+        production_recipe_kwargs(p.parse_args(["--ddp", "2", "--in-process"]))
+    assert os.path.isfile(Path(__file__).resolve().parents[1] / "nvflare_jobs" / "provision" / "project.yml")
