@@ -73,6 +73,7 @@ from components.training.config import SiteConfig
 from components.training.lora import add_lora, base_weights, lora_state
 from components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir
 from components.training.trainer import evaluate, set_threads, train_lora
+from privacy.dp_sgd import DPSGD
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FLARE_LORA_SHARED", ROOT.parent / "shared" / "data"))
@@ -293,17 +294,19 @@ def run_central(args, model_dir, data, seed: int) -> dict:
 
 
 def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tuple[int, ...],
-                  base_digest: str) -> dict:
+                  base_digest: str, dp: dict | None = None) -> dict:
     """T rounds of install -> local train -> upload -> aggregate, then every site installs the last
     aggregate; the global model is evaluated on the largest-rank site (for zero-pad, the only one
-    that holds the full-rank global; for FLoRA and FedIT every site holds the same model)."""
+    that holds the full-rank global; for FLoRA and FedIT every site holds the same model).
+    ``dp``: SiteConfig ``dp_*`` keys every site trains with (benchmarks/dp_utility.py)."""
     method = get_method(method_name)
     sites = []
     for k, rank in enumerate(ranks):
         model, tokenizer = load_model_and_tokenizer(model_dir)
-        cfg = site_config(args, rank, seed)
+        cfg = dataclasses.replace(site_config(args, rank, seed), **(dp or {}))
+        private = DPSGD(cfg, len(data["sites"][k]), site=f"site-{k + 1}", noise_seed=seed) if dp else None
         sites.append({"name": f"site-{k + 1}", "cfg": cfg, "model": add_lora(model, cfg, f"site-{k + 1}"),
-                      "train": data["sites"][k], "merged": 0})
+                      "train": data["sites"][k], "merged": 0, "dp": private})
     adapted = None  # initial copies of the adapted base weights, for the FLoRA final() check
     rounds: list[dict] = []
     history = []
@@ -321,7 +324,7 @@ def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tup
             order_seed = seed_r if args.client_order else seed * 1000003 + rnd * 1009 + k
             cfg = dataclasses.replace(site["cfg"], seed=order_seed)
             stats = train_lora(site["model"], tokenizer, site["train"], cfg,
-                               desc=f"{method_name} {site['name']} r={cfg.rank} round {rnd}")
+                               desc=f"{method_name} {site['name']} r={cfg.rank} round {rnd}", dp=site["dp"])
             train_seconds += stats["seconds"]
             state = lora_state(site["model"])
             update = SiteUpdate(site["name"], state, len(site["train"]), cfg.rank, cfg.alpha)
@@ -355,6 +358,8 @@ def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tup
     out = eval_global(sites[best]["model"], tokenizer, data["test"], sites[best]["cfg"], data["site_labels"])
     out.update(eval_seconds=time.perf_counter() - t0, train_seconds=train_seconds, rounds=history,
                base_digest=digests[0], steps=len(sites) * args.rounds * args.steps)
+    if dp:
+        out["dp"] = [site["dp"].report() for site in sites]
     return out
 
 

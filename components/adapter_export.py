@@ -54,3 +54,19 @@ def save_merged_model(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     merged.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     return out_dir
+
+
+def save_full_model(base_dir: str, weights_path: str, out_dir: str) -> str:
+    """The base model with some or all weights replaced from a safetensors file, as a plain HF
+    model dir (full-parameter and full-layer fine-tuning results)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    result = base.load_state_dict(load_file(weights_path), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{weights_path} does not fit the model {base_dir}: {result.unexpected_keys[:3]}")
+    base.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    return out_dir

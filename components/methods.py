@@ -26,10 +26,12 @@ from components.algorithms.lora_state import (
     validate_lora_update,
 )
 from components.algorithms.merge import merge_rounds_into
+from components.algorithms.one_shot import OnlineAverage
 from components.algorithms.stacking import concat_lora, stack_lora
-from components.training.lora import base_weights, load_lora_state, reset_lora
+from components.training.lora import base_weights, load_full_state, load_lora_state, reset_lora
 
-METHODS = ("flora", "fedit", "zero_pad", "fedcdd")
+METHODS = ("flora", "fedit", "zero_pad", "fedcdd")  # LoRA methods of the multi-round job
+ONE_SHOT_METHODS = ("flora", "fedit", "full")  # how the one-shot job folds arrivals
 
 
 @dataclass
@@ -85,6 +87,7 @@ class FLoRA:
     """Exact stacking: the server keeps every round's stacked factors; sites merge them into W."""
 
     name = "flora"
+    lora = True
     site_specific_init = True  # each site starts each round from its own random A
 
     def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
@@ -123,6 +126,7 @@ class FLoRA:
 class _Averaging:
     """Shared halves of the methods whose global is one adapter that sites keep training."""
 
+    lora = True
     scaling = 1.0  # scaling the global adapter is applied with
     site_specific_init = False  # round 0: every site must start from the same adapter
 
@@ -231,7 +235,38 @@ class FedCDD(_Averaging):
     local_state = staticmethod(ZeroPad.local_state)
 
 
-_TABLE = {"flora": FLoRA, "fedit": FedIT, "zero_pad": ZeroPad, "fedcdd": FedCDD}
+class FullParameters:
+    """Full-parameter fine-tuning of a small model, no LoRA: sites upload every trainable weight
+    and the server takes their weighted average (the one-shot job's ``full`` mode)."""
+
+    name = "full"
+    lora = False
+    site_specific_init = False
+
+    @staticmethod
+    def aggregate(updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
+        average = OnlineAverage()
+        for u in updates:
+            average.add(u.state, u.num_examples, u.site)
+        return average.result()
+
+    @staticmethod
+    def payload(rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
+        return dict(rounds[-1]) if rounds else {}
+
+    @staticmethod
+    def final(rounds: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], None]:
+        return (dict(rounds[-1]) if rounds else {}), None
+
+    @staticmethod
+    def install(model, params: Mapping[str, Tensor], merged_rounds: int, seed: int) -> int:
+        """Load the global weights (strict on the names sent: a typo is an error, not a no-op)."""
+        if params:
+            load_full_state(model, params)
+        return merged_rounds + (1 if params else 0)
+
+
+_TABLE = {"flora": FLoRA, "fedit": FedIT, "zero_pad": ZeroPad, "fedcdd": FedCDD, "full": FullParameters}
 
 
 def get_method(name: str, **options):

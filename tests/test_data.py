@@ -2,7 +2,6 @@
 
 import collections
 import csv
-import json
 import random
 import subprocess
 import sys

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
+from components.flare import site_policy
 from components.flare.poc import isolated_poc, workspace_processes
 from components.report import load_metrics
 
@@ -29,8 +30,7 @@ SITES = ["site-1", "site-2"]
 COMMON = ["--ranks", "2,4", "--steps", "2", "--batch-size", "2", "--threads", "1"]
 
 # what docs/poc.md tells each site to append to ``class_allow_list`` for a non-BYOC run
-SERVER_ALLOW = "components.flare.controller.LoraController"
-CLIENT_ALLOW = "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor"
+(SERVER_ALLOW,), (CLIENT_ALLOW,) = site_policy.SERVER_ALLOW, site_policy.CLIENT_ALLOW
 
 pytestmark = pytest.mark.e2e
 

@@ -108,7 +108,7 @@ def test_server_vets_scores_and_updates_naming_the_site():
     from components.flare.selective_controller import SelectiveController
 
     c = SelectiveController(num_layers=4, site_budgets={"site-2": 3})
-    c.site_scores, c.assigned, c.K, c.known_shapes, c.layer_keys = {}, {}, 4, {}, None
+    c.site_scores, c.assigned, c.K, c.known_shapes, c.layer_keys, c.he_layers = {}, {}, 4, {}, None, None
     cases = [
         ({"scores": [1, float("nan"), 1, 1], "budget": 2}, "site 'site-2': scores: layer 1 is nan"),
         ({"scores": [1, 1, float("inf"), 1], "budget": 2}, "site 'site-2': scores: layer 2 is inf"),

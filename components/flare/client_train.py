@@ -2,7 +2,8 @@
 
 FLARE runs it in-process or as an external process (ScriptRunner). Each task it installs the
 global state the server sent (method strategy), evaluates that global model on the site's held-out
-split, and — for "train" tasks — trains its own LoRA and uploads the factors.
+split, and — for "train" tasks — trains its own LoRA and uploads the factors (``--method full``:
+trains every weight of a small model and uploads them all).
 
 ``--method selective`` (nvflare_jobs/selective_layer) swaps the per-task work for the
 :class:`SelectiveSite` task handler — "score" (per-layer gradient statistics and the site's layer
@@ -24,6 +25,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from components.algorithms.merge import weights_digest
 from components.data.site_data import load_site_data
+from components.flare.ddp import SiteGroup
 from components.flare.site_args import from_args
 from components.methods import get_method
 from components.training.config import SiteConfig
@@ -37,9 +39,12 @@ from components.training.lora import (
     reset_lora,
     score_parameters,
     set_trainable_layers,
+    trainable_state,
 )
 from components.training.models import load_model_and_tokenizer, resolve_model_dir
 from components.training.trainer import evaluate, layer_criterion, layer_scores, set_threads, train_lora
+from privacy.dp_sgd import DPSGD, DPUnsupported
+from privacy.update_reference import keep_reference
 
 log = logging.getLogger("flare_lora.client")
 
@@ -61,37 +66,65 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    flare.init()
-    site = flare.get_site_name()
+    group = SiteGroup()  # under torchrun: this site's DDP processes, rank 0 talks to FLARE
+    flare.init(rank=group.rank)
+    site = group.share(flare.get_site_name())
     cfg = SiteConfig.from_dict(from_args(args.site_config), site)
     set_threads(cfg.threads)
     if args.method == SELECTIVE:
+        if group.world > 1:
+            raise ValueError(f"site {site!r}: --method selective runs one process per site, got {group.world}")
         serve(SelectiveSite.from_args(args, site, cfg))
         return
     method = get_method(args.method)
 
     model, tokenizer = load_model_and_tokenizer(resolve_model_dir(args.model))
-    model = add_lora(model, cfg, site)
+    if method.lora:
+        model = add_lora(model, cfg, site)
+    model.to(group.device)
+    trained = group.wrap(model)  # what train_lora steps: DDP averages the ranks' gradients
     train_set, eval_set = load_site_data(args.data, site, args.site_index, seed=cfg.seed)
-    log.info(f"{site}: {len(train_set)} train / {len(eval_set)} eval records, rank {cfg.rank}")
+    log.info(f"{site}: {len(train_set)} train / {len(eval_set)} eval records, "
+             + (f"rank {cfg.rank}" if method.lora else "full-parameter fine-tuning"))
+    dp = DPSGD.for_site(cfg, site, len(train_set))  # None without DP; a spent budget fails here
+    if dp is not None and group.world > 1:
+        raise DPUnsupported(f"site {site!r}: DP-SGD with {group.world} DDP processes is not supported; use --ddp 1")
     merged = 0
 
-    while flare.is_running():
-        task = flare.receive()
-        if task is None:
-            break
-        rnd = task.current_round or 0
+    for task in group.tasks(flare):
+        rnd = task.current_round
         seed = cfg.seed * 1000003 + rnd * 1009 + args.site_index  # this site's data order this round
         init_seed = seed if method.site_specific_init else seed - args.site_index  # averaging: shared init
-        merged = method.install(model, task.params or {}, merged, seed=init_seed)
-        metrics = evaluate(model, tokenizer, eval_set, cfg)
-        meta = {"merged_rounds": merged, "base_digest": weights_digest(base_weights(model))}
-        if not flare.is_train():
-            flare.send(FLModel(metrics=metrics, meta=meta))
+        merged = method.install(model, task.params, merged, seed=init_seed)
+        digest = weights_digest(base_weights(model))
+        group.check_same(digest, f"site {site!r} round {rnd}: base weights")
+        if group.is_main:
+            metrics = evaluate(model, tokenizer, eval_set, cfg)
+            meta = {"merged_rounds": merged, "base_digest": digest}
+        if not task.train:
+            if group.is_main:
+                flare.send(FLModel(metrics=dp_metrics(metrics, dp), meta=meta))
             continue
-        stats = train_lora(model, tokenizer, train_set, replace(cfg, seed=seed), desc=f"{site} round {rnd}")
-        meta.update(num_examples=len(train_set), rank=cfg.rank, alpha=cfg.alpha, train=stats)
-        flare.send(FLModel(params=lora_state(model), params_type=ParamsType.FULL, metrics=metrics, meta=meta))
+        reference = lora_state(model) if method.lora else trainable_state(model)  # where training starts
+        stats = train_lora(trained, tokenizer, group.shard(train_set), replace(cfg, seed=seed),
+                           desc=f"{site} round {rnd}", dp=dp)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        group.check_same(weights_digest(trainable), f"site {site!r} round {rnd}: trained weights")
+        if not group.is_main:
+            continue
+        stats["processes"] = group.world
+        meta.update(num_examples=len(train_set), train=stats, **keep_reference(reference, site, flare.get_job_id()))
+        metrics = dp_metrics(metrics, dp)
+        if method.lora:
+            meta.update(rank=cfg.rank, alpha=cfg.alpha)
+        params = lora_state(model) if method.lora else trainable_state(model)
+        flare.send(FLModel(params=params, params_type=ParamsType.FULL, metrics=metrics, meta=meta))
+    group.close()
+
+
+def dp_metrics(metrics: dict, dp: DPSGD | None) -> dict:
+    """The round's metrics plus the ε this site has spent (sample-level DP), when it trains with DP."""
+    return {**metrics, "dp_epsilon": dp.spent} if dp is not None else metrics
 
 
 # --- selective-layer fine-tuning ------------------------------------------------------------
@@ -134,7 +167,7 @@ class SelectiveSite:
 
     def __init__(self, model, tokenizer, train_set, eval_set, cfg: SiteConfig, *, site: str,
                  site_index: int = 0, mode: str = "lora", budget: int | None = None,
-                 score_batches: int = 2, environ: Mapping[str, str] | None = None):
+                 score_batches: int = 2, environ: Mapping[str, str] | None = None, dp: DPSGD | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.train_set, self.eval_set = train_set, eval_set
         self.cfg, self.site, self.site_index, self.mode = cfg, site, site_index, mode
@@ -144,6 +177,8 @@ class SelectiveSite:
         self.budget = min(self.configured_budget, self.budget_cap or self.configured_budget)
         self.score_batches = score_batches
         self.versions: dict[int, int] = {}
+        self.dp = dp  # sample-level DP-SGD for train tasks; layer scores then carry no data
+        self.reference: dict = {}  # the global values of the layers last trained: where training started
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, site: str, cfg: SiteConfig) -> SelectiveSite:
@@ -156,7 +191,8 @@ class SelectiveSite:
                 param.requires_grad_(False)
         train_set, eval_set = load_site_data(args.data, site, args.site_index, seed=cfg.seed)
         handler = cls(model, tokenizer, train_set, eval_set, cfg, site=site, site_index=args.site_index,
-                      mode=args.mode, budget=args.budget, score_batches=args.score_batches)
+                      mode=args.mode, budget=args.budget, score_batches=args.score_batches,
+                      dp=DPSGD.for_site(cfg, site, len(train_set)))
         log.info(f"{site}: {len(train_set)} train / {len(eval_set)} eval records, mode {args.mode}, "
                  f"{handler.num_layers} layers, budget {handler.budget} (cap {handler.budget_cap})")
         return handler
@@ -182,12 +218,15 @@ class SelectiveSite:
             return {}, {}, self.score(meta.get("criterion", "grad_norm"), rnd)
         metrics = evaluate(self.model, self.tokenizer, self.eval_set, self.cfg)
         if task != "train":
-            return {}, metrics, self._meta(digest=self.digest())
+            return {}, dp_metrics(metrics, self.dp), self._meta(digest=self.digest())
         update, stats = self.train(meta.get("layers") or [], rnd)
         layers = sorted({int(l) for l in meta.get("layers") or []})
-        return update, metrics, self._meta(num_examples=len(self.train_set), layers=layers, train=stats)
+        return update, dp_metrics(metrics, self.dp), self._meta(num_examples=len(self.train_set), layers=layers, train=stats)
 
     def score(self, criterion: str, rnd: int = 0) -> dict:
+        if self.dp is not None:  # gradient scores of the training records would bypass DP: report none
+            return self._meta(scores=[0.0] * self.num_layers, criterion=criterion, budget=self.budget,
+                              budget_configured=self.configured_budget, budget_cap=self.budget_cap, dp_scores="withheld")
         stats = layer_scores(
             self.model, self.tokenizer, self.train_set, self.cfg, score_parameters(self.model, self.mode),
             batches=self.score_batches, seed=self.cfg.seed * 1000003 + rnd * 1009 + self.site_index + 17,
@@ -203,12 +242,12 @@ class SelectiveSite:
         layers = sorted({int(l) for l in layers})
         if not layers:
             return {}, None
-        snapshot = layer_state(self.model, layers, self.mode)
+        snapshot = self.reference = layer_state(self.model, layers, self.mode)
         set_trainable_layers(self.model, layers, self.mode)
         seed = self.cfg.seed * 1000003 + rnd * 1009 + self.site_index
         try:
             stats = train_lora(self.model, self.tokenizer, self.train_set, replace(self.cfg, seed=seed),
-                               desc=f"{self.site} round {rnd} layers {layers}")
+                               desc=f"{self.site} round {rnd} layers {layers}", dp=self.dp)
             update = layer_state(self.model, layers, self.mode)
         finally:
             load_layer_state(self.model, snapshot, self.mode)
@@ -223,9 +262,10 @@ def serve(handler: SelectiveSite) -> None:
         task = flare.receive()
         if task is None:
             break
-        params, metrics, meta = handler.handle(
-            flare.get_task_name(), task.params or {}, task.meta or {}, task.current_round or 0
-        )
+        rnd = task.current_round or 0
+        params, metrics, meta = handler.handle(flare.get_task_name(), task.params or {}, task.meta or {}, rnd)
+        if params:
+            meta.update(keep_reference(handler.reference, handler.site, flare.get_job_id()))
         flare.send(FLModel(params=params or None, params_type=ParamsType.FULL if params else None,
                            metrics=metrics, meta=meta))
 

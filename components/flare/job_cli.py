@@ -15,6 +15,7 @@ import shutil
 import sys
 
 from components.report import comm_totals, load_metrics, write_report
+from privacy.dp_config import add_dp_args, client_dp_options, dp_site_settings
 
 METRICS_GLOB = os.path.join("**", "flare_lora", "metrics.json")
 
@@ -48,8 +49,30 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
     g.add_argument("--workspace", default=None, help="simulator / POC workspace (default /tmp/flare_lora/<env>)")
     g.add_argument("--startup-kit", default=None, help="admin startup kit (prod)")
+    g.add_argument("--site-local", action="append", default=[], metavar="SITE=PATH",
+                   help="POC: copy PATH into SITE's local/ folder, as its admin would (e.g. a privacy.json scope)")
     g.add_argument("--results", default=None, help="where to copy results (default: ./results/<job name>)")
     g.add_argument("--save-merged", action="store_true", help="also write base+adapter merged as an HF model dir")
+    add_dp_args(p)
+    g = p.add_argument_group("homomorphic encryption (docs/he.md)")
+    g.add_argument("--he", action="store_true",
+                   help="aggregate CKKS ciphertexts: the server never sees an update or the global model "
+                        "(keys: the startup kits' HEBuilder contexts; the simulator makes test-only ones)")
+
+
+def he_recipe_kwargs(args) -> dict:
+    """Recipe keyword arguments for --he: a simulator run gets contexts made into its workspace
+    (test-only: the secret key sits beside the server); POC, prod and exported jobs use the kits'."""
+    if not args.he:
+        return {}
+    from nvflare.recipe.spec import _peek_recipe_args  # --export/--export-dir, stripped from sys.argv
+
+    if args.env != "sim" or _peek_recipe_args()[0]:
+        return {"he": True}
+    from privacy.he_context import provision_sim_contexts
+
+    folder = os.path.join(os.path.abspath(args.workspace or "/tmp/flare_lora/sim"), "he_contexts")
+    return {"he": True, "he_context_dir": provision_sim_contexts(folder)}
 
 
 def add_fedcdd_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +95,33 @@ def add_fedcdd_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-mode", choices=["replace", "perturb"], default=None, help="default replace")
     g.add_argument("--mask-importance", choices=["entry", "column"], default=None,
                    help="|value| (default) or column L2 norm")
+
+
+def add_production_args(p: argparse.ArgumentParser) -> None:
+    """Deployment options of LoraRecipe jobs (docs/production.md); the defaults change nothing."""
+    g = p.add_argument_group("production (docs/production.md)")
+    g.add_argument("--checkpoint-dir", default="",
+                   help="server path (relative: under the server workspace) for a per-round checkpoint; "
+                        "a job started on a checkpoint of the same job resumes after its last round")
+    g.add_argument("--max-result-mb", type=float, default=0.0,
+                   help="reject a site result larger than this many MB (0: no cap)")
+    g.add_argument("--task-timeout", type=int, default=0,
+                   help="seconds a round waits for a live site (0: until it answers or FLARE declares it dead)")
+    g.add_argument("--ddp", type=int, default=1, metavar="N",
+                   help="N training processes per site (torchrun + DDP; one per GPU)")
+    g.add_argument("--no-byoc", action="store_true",
+                   help="job without code: sites run their pip-installed flare-lora and allow its classes")
+
+
+def production_recipe_kwargs(args) -> dict:
+    """LoraRecipe keyword arguments from add_production_args' flags."""
+    if args.ddp < 1 or (args.ddp > 1 and args.in_process):
+        raise SystemExit(f"--ddp: expected an integer >= 1 (> 1 needs an external process), got {args.ddp}")
+    kwargs = {"checkpoint_dir": args.checkpoint_dir, "max_result_bytes": int(args.max_result_mb * 1e6),
+              "task_timeout": args.task_timeout, "byoc": not args.no_byoc}
+    if args.ddp > 1:
+        kwargs["command"] = f"torchrun --standalone --nproc_per_node={args.ddp}"
+    return kwargs
 
 
 def fedcdd_recipe_kwargs(args) -> dict:
@@ -109,6 +159,7 @@ def build_sites(args) -> dict[str, dict]:
         for key, value in (("local_steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size)):
             if value is not None:
                 cfg[key] = value
+        cfg.update(dp_site_settings(args))
         sites[f"site-{i + 1}"] = cfg
     if args.site_config:
         with open(args.site_config) as f:
@@ -116,6 +167,25 @@ def build_sites(args) -> dict[str, dict]:
         for site, cfg in overrides.items():
             sites.setdefault(site, {"threads": threads, "seed": args.seed}).update(cfg)
     return sites
+
+
+def site_recipe_kwargs(args) -> dict:
+    """The recipe arguments every job takes from add_common_args' flags: model, data, seed, how
+    sites run, and the privacy options (client-level DP, HE)."""
+    return dict(model=args.model, data=args.data, seed=args.seed, launch_external_process=not args.in_process,
+                site_scripts=site_scripts(args), client_dp=client_dp_options(args), **he_recipe_kwargs(args))
+
+
+def save_merged_weights(model: str | None, results_dir: str, weights_file: str) -> None:
+    """Full-weight results (``--save-merged``): the base model with the trained weights, as an HF dir."""
+    weights = os.path.join(results_dir, weights_file)
+    if not os.path.isfile(weights):
+        return
+    from components.adapter_export import save_full_model
+    from components.training.models import resolve_model_dir
+
+    merged = save_full_model(resolve_model_dir(model), weights, os.path.join(results_dir, "merged"))
+    print(f"merged model: {merged}  (AutoModelForCausalLM.from_pretrained(that_dir))")
 
 
 def site_scripts(args) -> dict[str, str]:
@@ -131,6 +201,8 @@ def site_scripts(args) -> dict[str, str]:
 def make_env(args, sites: dict):
     """SimEnv, an isolated POC (own ports, workspace, HOME) or ProdEnv from --env."""
     workspace = args.workspace or f"/tmp/flare_lora/{args.env}"
+    if getattr(args, "site_local", None) and args.env != "poc":
+        raise SystemExit(f"--site-local: only with --env poc (a real site's admin edits its own local/), got --env {args.env}")
     if args.env == "sim":
         from nvflare.recipe import SimEnv
 
@@ -138,12 +210,38 @@ def make_env(args, sites: dict):
     if args.env == "poc":
         from components.flare.poc import IsolatedPocEnv
 
-        return IsolatedPocEnv(list(sites), workspace)
+        project = None
+        if getattr(args, "he", False):  # provision with FLARE's HEBuilder: contexts in the startup kits
+            from components.flare.poc import build_project_config
+            from privacy.he_context import with_he_builder
+
+            project = with_he_builder(build_project_config(list(sites), fed_learn_port=0, admin_port=0))
+        on_provisioned = None
+        if getattr(args, "no_byoc", False):  # the POC sites "installed" this checkout: allow its classes
+            from components.flare.site_policy import allow_flare_lora
+
+            options = {"noise_mask": getattr(args, "mask_rho", None) is not None, "he": getattr(args, "he", False),
+                       "client_dp": getattr(args, "client_dp_clip", None) is not None}
+            on_provisioned = lambda env: [allow_flare_lora(env.site_dir(p), **options) for p in env.participants]  # noqa: E731
+        return IsolatedPocEnv(list(sites), workspace, project=project, on_provisioned=on_provisioned,
+                              local_files=site_local_files(args))
     from nvflare.recipe import ProdEnv
 
     if not args.startup_kit:
         raise SystemExit("--env prod needs --startup-kit (the admin's startup kit directory)")
     return ProdEnv(startup_kit_location=args.startup_kit)
+
+
+def site_local_files(args) -> dict[str, dict[str, str]]:
+    """{site: {file name: text}} from --site-local SITE=PATH."""
+    files: dict[str, dict[str, str]] = {}
+    for item in getattr(args, "site_local", []):
+        site, sep, path = item.partition("=")
+        if not sep or not os.path.isfile(path):
+            raise SystemExit(f"--site-local: expected SITE=PATH to an existing file, got {item!r}")
+        with open(path) as f:
+            files.setdefault(site, {})[os.path.basename(path)] = f.read()
+    return files
 
 
 def run_recipe(recipe, env, name: str, results_dir: str, title: str, model: str | None = None, save_merged=False) -> int:
@@ -187,6 +285,15 @@ def collect_results(result_dir: str | None, out_dir: str, title: str) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
         shutil.copytree(src, out_dir)
     log = load_metrics(os.path.join(out_dir, "metrics.json"))
+    if log.get("model_at_sites"):  # HE: only the sites hold the plaintext model; in the simulator, here
+        for name in ("adapter", "layers.safetensors", "global.safetensors"):
+            found = glob.glob(os.path.join(result_dir, "**", "flare_lora", name), recursive=True)
+            at_sites = sorted(p for p in found if not os.path.abspath(p).startswith(os.path.abspath(src) + os.sep))
+            if at_sites and not os.path.exists(os.path.join(out_dir, name)):
+                copy = shutil.copytree if os.path.isdir(at_sites[0]) else shutil.copy
+                copy(at_sites[0], os.path.join(out_dir, name))
+                log[{"adapter": "adapter", "layers.safetensors": "layers_file"}.get(name, "full_weights")] = name
+                print(f"HE: {name} decrypted at a site: {at_sites[0]}")
     report = write_report(log, out_dir, title)
     report.update(log=log, comm=comm_totals(log), out_dir=out_dir)
     return report
@@ -202,6 +309,8 @@ def print_report(report: dict) -> None:
     print(f"results: {report['out_dir']} (metrics.json, table.txt, curves.png, tensorboard/)")
     if log.get("adapter"):
         print(f"adapter: {os.path.join(report['out_dir'], 'adapter')}  (PeftModel.from_pretrained(base, that_dir))")
+    elif log.get("model_at_sites"):
+        print(f"HE: the server holds the global only as ciphertexts; the model: {log['model_at_sites']}")
     if report.get("merged"):
         print(f"merged model: {report['merged']}  (AutoModelForCausalLM.from_pretrained(that_dir))")
 
@@ -219,6 +328,7 @@ def lora_job_main(doc: str, **defaults) -> int:
     p.add_argument("--name", default=None, help="job name (default: the method)")
     add_common_args(p)
     add_fedcdd_args(p)
+    add_production_args(p)
     p.set_defaults(**defaults)
     args = p.parse_args()
     name = args.name or args.method
@@ -231,12 +341,9 @@ def lora_job_main(doc: str, **defaults) -> int:
             num_rounds=args.rounds,
             min_clients=args.min_clients,
             clients_per_round=args.clients_per_round,
-            model=args.model,
-            data=args.data,
-            seed=args.seed,
-            launch_external_process=not args.in_process,
-            site_scripts=site_scripts(args),
+            **site_recipe_kwargs(args),
             **fedcdd_recipe_kwargs(args),
+            **production_recipe_kwargs(args),
         )
         env = make_env(args, sites)
     except (ValueError, FileNotFoundError) as e:

@@ -137,6 +137,15 @@ def write_project_yml(path: Union[str, Path], clients: Sequence[str], *, fed_lea
     return path
 
 
+def with_server_ports(project: Mapping, *, fed_learn_port: int, admin_port: int) -> dict:
+    """A copy of a project.yml config whose server listens on these ports, on localhost."""
+    config = copy.deepcopy(dict(project))
+    for p in config.get("participants", []):
+        if p.get("type") == "server":
+            p.update(fed_learn_port=int(fed_learn_port), admin_port=int(admin_port), default_host="localhost")
+    return config
+
+
 def _load_project(workspace: str) -> dict:
     with open(os.path.join(workspace, "project.yml")) as f:
         return yaml.safe_load(f)
@@ -315,6 +324,20 @@ def _wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
         time.sleep(0.2)
 
 
+def _wait_reaped(pids: Sequence[int], timeout: float) -> None:
+    """Wait until ``pids`` no longer exist, zombies included (a restart script's ``kill -0`` sees those)."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # pid reused by another user's process: ours is gone
+                break
+            time.sleep(0.1)
+
+
 def terminate_workspace_processes(workspace: Union[str, Path], term_timeout: float = 5.0,
                                   kill_timeout: float = 5.0) -> list[int]:
     """SIGTERM then SIGKILL every process returned by :func:`workspace_processes`.
@@ -378,6 +401,19 @@ def _write_local_file(local_dir: str, name: str, content: LocalContent) -> str:
 # ------------------------------------------------------------------------ the env
 
 
+def _check_project(project: Mapping, clients: Sequence[str], username: str) -> dict:
+    parts = project.get("participants", [])
+    servers = [p["name"] for p in parts if p.get("type") == "server"]
+    got = [p["name"] for p in parts if p.get("type") == "client"]
+    admins = [p["name"] for p in parts if p.get("type") == "admin"]
+    if servers != [SERVER_NAME] or sorted(got) != sorted(clients) or username not in admins:
+        raise ValueError(
+            f"project {project.get('name')!r}: expected server [{SERVER_NAME!r}], clients {sorted(clients)} and admin "
+            f"{username!r}; got server {servers}, clients {sorted(got)}, admins {admins}"
+        )
+    return dict(project)
+
+
 class IsolatedPocEnv(PocEnv):
     """A real :class:`nvflare.recipe.PocEnv` confined to its own workspace, ports and HOME.
 
@@ -398,6 +434,10 @@ class IsolatedPocEnv(PocEnv):
         on_provisioned: optional ``callback(env)`` run after provisioning + local files, before start.
         ready_timeout: seconds to wait for all clients to register at start.
         extra_env: additional environment for the POC processes (e.g. ``CUDA_VISIBLE_DEVICES``).
+        project: a project.yml config to provision instead of nvflare's POC template (e.g. a
+            production template, components/flare/provision.py); its server must be named
+            ``"server"``, its clients must be ``clients`` and ``username`` one of its admins. The
+            server's ports and host are replaced by this env's.
         keep_user_caches: point HF_HOME / TORCH_HOME / PYTHONUSERBASE at the real HOME's
             locations (unless already set), so the isolated HOME does not hide model caches.
     """
@@ -420,6 +460,7 @@ class IsolatedPocEnv(PocEnv):
         username: str = DEFAULT_ADMIN,
         study: Optional[str] = None,
         extra: Optional[dict] = None,
+        project: Optional[Mapping] = None,
     ):
         clients = list(clients)
         if not clients or len(set(clients)) != len(clients) or SERVER_NAME in clients:
@@ -431,7 +472,8 @@ class IsolatedPocEnv(PocEnv):
         self.home = os.path.abspath(str(home)) if home else workspace.rstrip("/") + "_home"
         self._auto_ports = fed_learn_port is None and admin_port is None
         self.fed_learn_port, self.admin_port = self._pick_ports(fed_learn_port, admin_port)
-        self.project_name = project_name
+        self.project = _check_project(project, clients, username) if project is not None else None
+        self.project_name = self.project["name"] if self.project is not None else project_name
         self.local_files: dict[str, dict[str, LocalContent]] = {
             site: dict(files) for site, files in (local_files or {}).items()
         }
@@ -521,8 +563,13 @@ class IsolatedPocEnv(PocEnv):
             shutil.rmtree(self.workspace)
         os.makedirs(self.workspace, exist_ok=True)
         Path(self.workspace, WORKSPACE_MARKER).write_text("POC workspace owned by components.flare.poc\n")
-        write_project_yml(self.project_file, self.clients, fed_learn_port=self.fed_learn_port,
-                          admin_port=self.admin_port, project_name=self.project_name, admin=self.username)
+        if self.project is None:
+            write_project_yml(self.project_file, self.clients, fed_learn_port=self.fed_learn_port,
+                              admin_port=self.admin_port, project_name=self.project_name, admin=self.username)
+        else:
+            with open(self.project_file, "w") as f:
+                config = with_server_ports(self.project, fed_learn_port=self.fed_learn_port, admin_port=self.admin_port)
+                yaml.safe_dump(config, f, sort_keys=False)
         with self._env():
             prepare_poc_provision(
                 clients=[], number_of_clients=0, workspace=self.workspace, docker_image=None,
@@ -593,6 +640,25 @@ class IsolatedPocEnv(PocEnv):
                 logger.error("cleanup after failed start: %s", e)
             raise
         self.timings["start_s"] = time.monotonic() - t0
+
+    def start_participant(self, name: str) -> None:
+        """(Re)start one participant, e.g. after :meth:`kill_site` (``nvflare poc start -p <name>``)."""
+        from nvflare.tool.poc.poc_commands import _start_poc
+
+        if name not in self.participants:
+            raise ValueError(f"unknown participant {name!r}; expected one of {self.participants}")
+        with self._env(), _chdir(self.workspace):
+            _start_poc(poc_workspace=self.workspace, gpu_ids=self.gpu_ids, excluded=[], services_list=[name])
+
+    def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Wait until the server and every client are up and registered (after restarts)."""
+        from nvflare.tool.poc.poc_commands import _wait_for_poc_system_ready, setup_service_config
+
+        with self._env(), _chdir(self.workspace):
+            project_config, service_config = setup_service_config(self.workspace)
+            _wait_for_poc_system_ready(self.workspace, project_config, service_config, [], [self.username],
+                                       timeout_in_sec=int(timeout or self.ready_timeout))
+        self._session_manager = None  # a restarted server knows no earlier admin session
 
     def deploy(self, job) -> str:
         from nvflare.recipe.utils import collect_non_local_scripts
@@ -694,7 +760,8 @@ class IsolatedPocEnv(PocEnv):
 
         ``keep_down=True`` first SIGKILLs the site's ``sub_start.sh`` watchdog, which would
         otherwise restart the client ~5 s later; then sends ``sig`` to the parent FL process
-        and its job processes. Returns the pids signalled.
+        and its job processes. Returns the pids signalled, once they are gone (up to 10 s for
+        SIGKILL), so :meth:`start_participant` can start the site again right away.
         """
         p = self.pids()[site]
         signalled = []
@@ -703,6 +770,8 @@ class IsolatedPocEnv(PocEnv):
             signalled.append(p.daemon)
         targets = [q for q in p.all if q != p.daemon]  # FL parent, its job processes, watchdog's `sleep`
         _signal_pids(targets, sig)
+        if sig == signal.SIGKILL:
+            _wait_reaped(signalled + targets, 10.0)
         return signalled + targets
 
     def log_paths(self, job_id: Optional[str] = None) -> dict[str, dict[str, str]]:

@@ -8,8 +8,13 @@ script with that site's own rank/alpha/target modules/optimiser settings.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping
 
+from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
 from nvflare.client.config import ExchangeFormat
 from nvflare.fuel.utils.constants import FrameworkType
 from nvflare.job_config.api import FedJob
@@ -24,9 +29,35 @@ from components.flare.noise_mask import NoiseMaskFilter
 from components.flare.site_args import to_args
 from components.methods import get_method
 from components.training.config import ConfigError, SiteConfig
+from privacy.client_dp_filter import ClientDPFilter
+from privacy.dp_config import PRIVACY_DIR, plan_dp_steps
+from privacy.he_aggregate import check_he_method
+from privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, he_server_context
+from privacy.he_filters import add_he_filters
 
 CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_train.py")  # a path: importing it would load the trainer
 PACKAGE_DIR = os.path.dirname(os.path.dirname(CLIENT_SCRIPT))  # .../components
+
+
+def client_script() -> str:
+    """CLIENT_SCRIPT, or a copy of it where FLARE will put it where ScriptRunner looks for it.
+
+    ScriptRunner starts ``custom/<basename>``, but the job export copies the script to custom/ at
+    its path relative to the deepest ``sys.path`` entry that holds it. With the checkout root on
+    sys.path (``python -m pytest``, a notebook in the checkout) that is
+    ``custom/components/flare/client_train.py`` and every site fails to start; a copy in a
+    directory off sys.path is copied to ``custom/client_train.py``. (The script only imports the
+    installed package, so the copy runs the same code.)
+    """
+    here = os.path.dirname(os.path.realpath(CLIENT_SCRIPT))
+    roots = {os.path.realpath(p or os.curdir) for p in sys.path}
+    if here in roots or not any(here.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        return CLIENT_SCRIPT
+    copy = os.path.join(tempfile.mkdtemp(prefix="flare_lora_client_"), os.path.basename(CLIENT_SCRIPT))
+    shutil.copyfile(CLIENT_SCRIPT, copy)
+    return copy
+CLIENT_MODULE = "components.flare.client_train"
+INSTALLED_PACKAGES = ("components", "privacy")  # what `pip install flare-lora` puts on a site
 
 
 class LoraRecipe(Recipe):
@@ -52,6 +83,13 @@ class LoraRecipe(Recipe):
         mask_sigma: float = 1e-3,
         mask_mode: str = "replace",
         mask_importance: str = "entry",
+        controller=None,
+        checkpoint_dir: str = "",
+        max_result_bytes: int = 0,
+        byoc: bool = True,
+        client_dp: Mapping | None = None,
+        he: bool = False,
+        he_context_dir: str | None = None,
     ):
         """Args:
         sites: {site name: per-site config} (keys of SiteConfig: rank, alpha, target_modules,
@@ -71,13 +109,43 @@ class LoraRecipe(Recipe):
             keeps the top mask_rho fraction of each tensor's entries, mask_mode "replace" or
             "perturb" the rest with N(0, mask_sigma^2); mask_importance "entry" or "column".
             Not differential privacy.
+        controller: the server workflow to use instead of a LoraController built from these
+            arguments (the one-shot recipe passes its OneShotController).
+        command: how each site starts the client script; ``"torchrun --standalone
+            --nproc_per_node=N"`` trains with N DDP processes per site (docs/production.md).
+        checkpoint_dir / max_result_bytes: see LoraController (server checkpoint + resume, and
+            the cap on a site's result size).
+        byoc: False makes a job without code: sites run the pip-installed flare-lora
+            (``python -m components.flare.client_train``) and must allow its classes instead of
+            granting the "byoc" right (components/flare/site_policy.py).
+        client_dp: if set, every site clips and noises its update before upload (privacy/
+            client_dp_filter.py): {"clip": C, "sigma": σ, "delta": δ, "epsilon_max": ε_max}.
+            Sample-level DP-SGD is per-site config instead (the ``dp_*`` keys; docs/dp.md).
+        he: homomorphic-encrypted aggregation (docs/he.md): sites encrypt their update after any
+            DP/mask filter and decrypt the global; the server aggregates ciphertexts without a
+            secret key. Contexts come from the startup kits (FLARE's HEBuilder), or with
+            he_context_dir from a folder made by privacy.he_context.provision_sim_contexts
+            (simulator, test-only). A missing context fails the job before training.
         """
         get_method(method, **dict(method_options or {}))
+        if he and controller is None:  # a given controller (one-shot) checks its own method
+            try:
+                check_he_method(method)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if he and checkpoint_dir:
+            raise ConfigError("checkpoint_dir: checkpoints hold plaintext rounds; not available with he")
+        if he_context_dir:
+            for context in (SERVER_CONTEXT, CLIENT_CONTEXT):
+                if not os.path.isfile(os.path.join(he_context_dir, context)):
+                    raise FileNotFoundError(f"he_context_dir: {os.path.join(he_context_dir, context)} not found")
         if not sites:
             raise ConfigError("sites: expected at least one site, got none")
         configs = {site: SiteConfig.from_dict(dict(cfg), site) for site, cfg in sites.items()}
         if method == "fedit":
             _check_homogeneous(configs)
+        if he and method == "zero_pad":  # ciphertexts add slot by slot: the same tensors at every site
+            _check_homogeneous(configs, method="zero_pad with he", keys=("target_modules",))
         if method == "fedcdd" and dict(method_options or {}).get("target", "factors") == "factors":
             _check_homogeneous(configs, method="fedcdd (target factors)", keys=("rank", "target_modules"))
         if mask_rho is not None:
@@ -95,11 +163,15 @@ class LoraRecipe(Recipe):
         if data and os.path.isdir(data):  # local data (simulator, POC): bad files fail before the job starts
             for index, site in enumerate(configs):
                 load_site_data(data, site, index, seed=configs[site].seed)
+        if not byoc and (not launch_external_process or site_scripts):
+            raise ConfigError("byoc: a job without code needs launch_external_process=True and no site_scripts")
         if not launch_external_process:
             for label, path in (("model", model), ("data", data)):
                 if path and any(c.isspace() for c in path):
                     raise ConfigError(f"{label}: in-process mode cannot pass a path with spaces: {path!r}")
 
+        dp_filter = ClientDPFilter(**dict(client_dp)) if client_dp is not None else None  # validates
+        configs = plan_dp_steps(configs, num_rounds)
         self.sites = {s: c.to_dict() for s, c in configs.items()}
         self.method = method
         self.num_rounds = num_rounds
@@ -110,7 +182,7 @@ class LoraRecipe(Recipe):
         self.mask_importance = mask_importance
         job = FedJob(name=name, min_clients=min_clients)
         job.to_server(
-            LoraController(
+            controller or LoraController(
                 method=method,
                 num_rounds=num_rounds,
                 min_clients=min_clients,
@@ -121,16 +193,26 @@ class LoraRecipe(Recipe):
                 task_timeout=task_timeout,
                 wait_for_clients_timeout=wait_for_clients_timeout,
                 method_options=self.method_options,
+                checkpoint_dir=checkpoint_dir,
+                max_result_bytes=max_result_bytes,
+                he=he,
+                he_context=he_server_context(he_context_dir),
             ),
             id="controller",
         )
+        if not byoc:  # the sites' installed packages provide this code: copy none of it into the job
+            job.set_app_packages(list(INSTALLED_PACKAGES))
+        shared_script = client_script()
         for index, (site, cfg) in enumerate(self.sites.items()):
             args = ["--method", method, "--site-index", str(index)]
             args += ["--model", model] if model else []
             args += ["--data", os.path.abspath(data)] if data else []
             args += ["--site-config", *to_args(cfg)]
+            if not byoc:
+                job.to(installed_client(command, args), site)
+                continue
             runner = ScriptRunner(
-                script=(site_scripts or {}).get(site, CLIENT_SCRIPT),
+                script=(site_scripts or {}).get(site) or shared_script,
                 script_args=" ".join(args),
                 launch_external_process=launch_external_process,
                 command=command,
@@ -144,11 +226,29 @@ class LoraRecipe(Recipe):
                 rho=mask_rho, sigma=mask_sigma, mode=mask_mode, importance=mask_importance, seed=seed
             )
             self.add_client_output_filter(mask, tasks=["train"])
-            # FLARE copies the filter's module (and what it imports) into each site's custom/
-            # folder: a partial `components` namespace that would shadow the installed package
-            # for the client script (an editable install is found only after sys.path). Ship the
-            # whole package there instead, as the server already runs its copied controller code.
-            self._add_to_client_apps(FileSource(PACKAGE_DIR, dest_dir="components", app_folder_type="custom"))
+            if byoc:
+                # FLARE copies the filter's module (and what it imports) into each site's custom/
+                # folder: a partial `components` namespace that would shadow the installed package
+                # for the client script (an editable install is found only after sys.path). Ship the
+                # whole package there instead, as the server already runs its copied controller code.
+                self._add_to_client_apps(FileSource(PACKAGE_DIR, dest_dir="components", app_folder_type="custom"))
+        if dp_filter is not None:  # site side too: the server sees only clipped and noised changes
+            self.add_client_output_filter(dp_filter, tasks=["train"])
+            if byoc:  # the whole package, for the same reason as above
+                self._add_to_client_apps(FileSource(PRIVACY_DIR, dest_dir="privacy", app_folder_type="custom"))
+        if he:  # added last, so that encryption sees what DP and the mask produced
+            add_he_filters(self, he_context_dir, byoc, ("train", "validate"), ship_components=mask_rho is None,
+                           ship_privacy=dp_filter is None)
+
+
+def installed_client(command: str, args: list[str]) -> ClientAPIExecutor:
+    """What ScriptRunner builds for the client script, started from the installed package."""
+    return ClientAPIExecutor(
+        execution_mode=ExecutionMode.EXTERNAL_PROCESS,
+        command=[*shlex.split(command), "-m", CLIENT_MODULE, *args],
+        params_exchange_format=ExchangeFormat.PYTORCH,
+        server_expected_format=ExchangeFormat.PYTORCH,
+    )
 
 
 def _check_positive(key: str, value) -> None:

@@ -51,6 +51,8 @@ from components.algorithms.layer_selection import (
 )
 from components.algorithms.lora_state import InvalidUpdate
 from components.flare.controller import RESULTS_DIRNAME, wire_bytes
+from privacy.he_context import SERVER_CONTEXT, HEContextError
+from privacy.he_server import LayerHE, open_server_context
 
 SCORE_CRITERION = {"selective": "grad_norm", "rgn": "rgn", "snr": "snr"}  # others log grad norms
 
@@ -73,6 +75,8 @@ class SelectiveController(ModelController):
         seed: int = 0,
         task_timeout: int = 0,
         wait_for_clients_timeout: float = 300.0,
+        he: bool = False,
+        he_context: str = SERVER_CONTEXT,
     ):
         """Args:
         selection: "selective" (the solver with λ = lam) or a baseline: full, top, bottom,
@@ -86,6 +90,8 @@ class SelectiveController(ModelController):
         num_layers: K, when the job knows it (else the sites' reports decide).
         costs: K integer layer costs (budgets in the same units); default 1 per layer.
         scaling: alpha / rank of the sites' adapters (lora mode), for the exported adapter.
+        he / he_context: aggregate ciphertexts, each layer over the sites that trained it
+            (privacy/he_server.py, docs/he.md); the sites write the final model. As in LoraController.
         """
         super().__init__(persistor_id="", ignore_result_error=True)
         if selection not in CRITERIA:
@@ -108,6 +114,8 @@ class SelectiveController(ModelController):
         self.seed = seed
         self.task_timeout = task_timeout
         self.wait_for_clients_timeout = wait_for_clients_timeout
+        self.he = he
+        self.he_context = he_context
 
     # --- the workflow --------------------------------------------------------------------
 
@@ -127,6 +135,14 @@ class SelectiveController(ModelController):
             "rounds": [], "selections": [], "final": {},
         }
         rng = random.Random(self.seed)
+        self.he_layers = None  # HE: the encrypted global, by layer
+        if self.he:
+            try:
+                self.he_layers = LayerHE(open_server_context(self.he_context, self.fl_ctx))
+            except HEContextError as e:
+                self._fail(f"HE: {e}")
+                return
+            self.log["he"] = self.he_layers.describe()
         for rnd in range(self.num_rounds):
             sites = self._sample(rnd, rng)
             if sites is None:
@@ -168,7 +184,10 @@ class SelectiveController(ModelController):
                     f"{sorted(set(participants) - {a[0] for a in accepted})}"
                 )
                 return
-            if trained:
+            if trained and self.he_layers:
+                for layer in self.he_layers.aggregate([a[1] for a in trained], [a[2] for a in trained]):
+                    self.versions[layer] = self.versions.get(layer, 0) + 1
+            elif trained:
                 new = average_layers([a[1] for a in trained], [a[2] for a in trained])
                 self.global_state.update({k: v.contiguous() for k, v in new.items()})
                 for layer in sorted({layer_of(k) for k in new}):
@@ -245,6 +264,12 @@ class SelectiveController(ModelController):
                 record["sites"][site]["assigned"] = meta["layers"]
             data = FLModel(params=params, params_type=ParamsType.FULL, current_round=rnd,
                            total_rounds=self.num_rounds, meta=meta)
+            if self.he_layers:  # ciphertexts of the layers it lacks (the final task: all, to write the model)
+                final = task == "validate"
+                data.params = self.he_layers.payload(self.versions if final else versions)
+                data.meta["he"] = self.he_layers.plan({"writer": "layers", "mode": self.mode, "num_layers": self.K,
+                                                       "scaling": self.scaling, "base_model": self.base_model}
+                                                      if final else None)
             record["sites"][site]["download_bytes"] = wire_bytes(data)
             self.send_model(task_name=task, data=data, targets=[site], timeout=self.task_timeout, callback=on_result)
         while self.get_num_standing_tasks():
@@ -325,8 +350,10 @@ class SelectiveController(ModelController):
         """(site, state, num_examples) for an accepted update, or None (logged, round goes on)."""
         meta = result.meta or {}
         assigned = self.assigned.get(site, [])
-        state = dict(result.params or {})
+        state, encrypted = dict(result.params or {}), None
         try:
+            if self.he_layers and state:  # only the layout can be vetted: its shapes go through the same checks
+                encrypted, state = self.he_layers.vet(result.params)
             if assigned:
                 n = meta.get("num_examples")
                 if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
@@ -344,7 +371,7 @@ class SelectiveController(ModelController):
         self.known_shapes.update({k: tuple(v.shape) for k, v in state.items()})
         if state and self.layer_keys is None:
             self.layer_keys = {relative_key(k) for k in state if layer_of(k) == layer_of(next(iter(state)))}
-        return site, state, n
+        return site, (encrypted if encrypted is not None else state), n
 
     @staticmethod
     def _fold_score_bytes(record: dict, score_record: dict) -> None:
@@ -369,7 +396,12 @@ class SelectiveController(ModelController):
     def _write_results(self, final: bool = False) -> None:
         out = os.path.join(self.get_run_dir(), RESULTS_DIRNAME)
         os.makedirs(out, exist_ok=True)
-        if final and self.global_state:
+        if self.he_layers:  # the server's copy of the global stays ciphertext; the sites write the model
+            if self.he_layers.global_.groups:
+                self.log["he"]["persisted"] = self.he_layers.persist(out)
+            if final:
+                self.log["model_at_sites"] = f"{RESULTS_DIRNAME}/ in each site's run directory"
+        elif final and self.global_state:
             self.log.update(save_global_layers(out, self.global_state, self.mode, self.K, self.scaling, self.base_model))
         tmp = os.path.join(out, "metrics.json.tmp")
         with open(tmp, "w") as f:

@@ -15,17 +15,23 @@ from collections.abc import Mapping
 from nvflare.client.config import ExchangeFormat
 from nvflare.fuel.utils.constants import FrameworkType
 from nvflare.job_config.api import FedJob
+from nvflare.job_config.file_source import FileSource
 from nvflare.job_config.script_runner import ScriptRunner
 from nvflare.recipe.spec import Recipe
 
 from components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
 from components.data.site_data import load_site_data
+from components.flare.recipe import client_script
 from components.flare.selective_controller import SelectiveController
 from components.flare.site_args import to_args
 from components.training.config import ConfigError, SiteConfig
+from privacy.client_dp_filter import ClientDPFilter
+from privacy.dp_config import PRIVACY_DIR, check_dp_selection, plan_dp_steps
+from privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, he_server_context
+from privacy.he_filters import add_he_filters
 
-CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_train.py")  # a path: importing it would load the trainer
 SELECTIVE_KEYS = ("budget",)  # per-site keys beyond SiteConfig's
+SCORE_FREE = ("full", "top", "bottom", "random")  # selections that never read the sites' layer scores
 
 
 def model_num_layers(model: str | None) -> int | None:
@@ -71,6 +77,9 @@ class SelectiveRecipe(Recipe):
         task_timeout: int = 0,
         wait_for_clients_timeout: float = 300.0,
         site_scripts: Mapping[str, str] | None = None,
+        client_dp: Mapping | None = None,
+        he: bool = False,
+        he_context_dir: str | None = None,
     ):
         """Args:
         sites: {site: settings}: the keys of SiteConfig (rank, alpha, target_modules, lr,
@@ -84,6 +93,10 @@ class SelectiveRecipe(Recipe):
         sel_gap: re-select layers every sel_gap rounds.
         score_batches: local batches each site measures its layer scores on (snr needs >= 2).
         costs: per-layer integer costs (default 1 each).
+        client_dp: client-level DP filter at every site, as in LoraRecipe. Sites with sample-level
+            DP (``dp_*`` keys) withhold their layer scores, so they need a selection that reads
+            none (full, top, bottom, random).
+        he / he_context_dir: encrypted per-layer aggregation, as in LoraRecipe (docs/he.md).
         Other args as in LoraRecipe.
         """
         if selection not in CRITERIA:
@@ -114,6 +127,12 @@ class SelectiveRecipe(Recipe):
             configs[site] = SiteConfig.from_dict(settings, site)
         if mode == "lora":
             _check_same_adapter(configs)
+        check_dp_selection(configs, selection, SCORE_FREE)
+        configs = plan_dp_steps(configs, num_rounds)
+        dp_filter = ClientDPFilter(**dict(client_dp)) if client_dp is not None else None  # validates
+        for context in (SERVER_CONTEXT, CLIENT_CONTEXT) if he_context_dir else ():
+            if not os.path.isfile(os.path.join(he_context_dir, context)):
+                raise FileNotFoundError(f"he_context_dir: {os.path.join(he_context_dir, context)} not found")
         num_layers = model_num_layers(model)
         if num_layers is not None:
             layer_costs = check_costs(costs, num_layers)
@@ -154,9 +173,12 @@ class SelectiveRecipe(Recipe):
                 seed=seed,
                 task_timeout=task_timeout,
                 wait_for_clients_timeout=wait_for_clients_timeout,
+                he=he,
+                he_context=he_server_context(he_context_dir),
             ),
             id="controller",
         )
+        shared_script = client_script()
         for index, (site, cfg) in enumerate(self.sites.items()):
             args = ["--method", "selective", "--mode", mode, "--site-index", str(index)]
             args += ["--score-batches", str(score_batches), "--init-seed", str(seed)]
@@ -165,7 +187,7 @@ class SelectiveRecipe(Recipe):
             args += ["--data", os.path.abspath(data)] if data else []
             args += ["--site-config", *to_args(cfg)]
             runner = ScriptRunner(
-                script=(site_scripts or {}).get(site, CLIENT_SCRIPT),
+                script=(site_scripts or {}).get(site) or shared_script,
                 script_args=" ".join(args),
                 launch_external_process=launch_external_process,
                 command=command,
@@ -174,6 +196,12 @@ class SelectiveRecipe(Recipe):
             )
             job.to(runner, site)
         super().__init__(job)
+        if dp_filter is not None:  # site side, on the outgoing train result (privacy/client_dp_filter.py)
+            self.add_client_output_filter(dp_filter, tasks=["train"])
+            # the whole package: FLARE's partial copy of the filter's imports would shadow the installed one
+            self._add_to_client_apps(FileSource(PRIVACY_DIR, dest_dir="privacy", app_folder_type="custom"))
+        if he:  # last, after DP; every task ships (encrypted) layers: score, train, validate
+            add_he_filters(self, he_context_dir, True, ("score", "train", "validate"), ship_privacy=dp_filter is None)
 
 
 def _check_positive(key: str, value) -> None:

@@ -30,6 +30,20 @@ class SiteConfig:
     threads: int | None = None
     seed: int = 0
     max_eval: int | None = None
+    # sample-level DP-SGD (privacy/dp_sgd.py, docs/dp.md): on when dp_epsilon or dp_noise_multiplier is set
+    dp_epsilon: float | None = None  # target ε over dp_planned_steps (the recipe fills rounds x local_steps)
+    dp_noise_multiplier: float | None = None  # or σ directly
+    dp_delta: float | None = None  # default 1e-5; must be < 1 / (training records)
+    dp_max_grad_norm: float | None = None  # per-record clipping norm C, default 1.0
+    dp_accountant: str | None = None  # "rdp" (default) or "prv"
+    dp_epsilon_max: float | None = None  # the site's budget over all its DP training
+    dp_clipping: str | None = None  # Opacus mode: "hooks" (default), "functorch", "ghost", "fast"
+    dp_planned_steps: int | None = None
+
+    @property
+    def dp(self) -> bool:
+        """Sample-level DP-SGD requested."""
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
 
     @property
     def scaling(self) -> float:
@@ -51,7 +65,9 @@ class SiteConfig:
             problem = _RULES[key](value)
             if problem:
                 raise ConfigError(f"site {site!r}: key {key!r}: expected {problem}, got {value!r}")
-        return cls(**{k: list(v) if k == "target_modules" else v for k, v in d.items()})
+        cfg = cls(**{k: list(v) if k == "target_modules" else v for k, v in d.items()})
+        _check_dp(cfg, site)
+        return cfg
 
 
 def _is_int(v) -> bool:
@@ -76,6 +92,39 @@ def _dropout(v):
     return None if ok else "a number in [0, 1)"
 
 
+def _unit_interval(v):
+    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1)
+    return None if ok else "a number in (0, 1) or null"
+
+
+def _choice(*options):
+    def check(v):
+        return None if v is None or v in options else f"one of {list(options)} or null"
+    return check
+
+
+def _optional(rule):
+    def check(v):
+        problem = None if v is None else rule(v)
+        return problem and problem + " or null"
+    return check
+
+
+def _check_dp(cfg: SiteConfig, site: str) -> None:
+    """DP settings that only make sense together; privacy is never silently off."""
+    if cfg.dp_epsilon is not None and cfg.dp_noise_multiplier is not None:
+        raise ConfigError(f"site {site!r}: key 'dp_noise_multiplier': expected either dp_epsilon (a target) or "
+                          f"dp_noise_multiplier, got both ({cfg.dp_epsilon!r} and {cfg.dp_noise_multiplier!r})")
+    if not cfg.dp:
+        given = [f.name for f in fields(cfg) if f.name.startswith("dp_") and getattr(cfg, f.name) is not None]
+        if given:
+            raise ConfigError(f"site {site!r}: key {given[0]!r}: DP option given but DP is off; "
+                              "expected dp_epsilon or dp_noise_multiplier as well")
+    if cfg.dp_epsilon is not None and cfg.dp_epsilon_max is not None and cfg.dp_epsilon > cfg.dp_epsilon_max:
+        raise ConfigError(f"site {site!r}: key 'dp_epsilon': expected a target <= dp_epsilon_max "
+                          f"({cfg.dp_epsilon_max!r}), got {cfg.dp_epsilon!r}")
+
+
 def _names(v):
     ok = isinstance(v, (list, tuple)) and v and all(isinstance(n, str) and n for n in v)
     return None if ok else "a non-empty list of module names"
@@ -96,4 +145,12 @@ _RULES = {
     "threads": _int(1, optional=True),
     "seed": _int(0),
     "max_eval": _int(1, optional=True),
+    "dp_epsilon": _optional(_positive),
+    "dp_noise_multiplier": _optional(_positive),
+    "dp_delta": _unit_interval,
+    "dp_max_grad_norm": _optional(_positive),
+    "dp_accountant": _choice("rdp", "prv"),
+    "dp_epsilon_max": _optional(_positive),
+    "dp_clipping": _choice("hooks", "functorch", "ghost", "fast"),
+    "dp_planned_steps": _int(1, optional=True),
 }

@@ -55,7 +55,9 @@ def reset_lora(peft_model: PeftModel, seed: int) -> None:
         for module in peft_model.modules():
             if isinstance(module, LoraLayer):
                 for name in module.lora_A:
-                    nn.init.kaiming_uniform_(module.lora_A[name].weight, a=math.sqrt(5), generator=generator)
+                    weight = module.lora_A[name].weight  # drawn on CPU: the generator is a CPU one
+                    init = torch.empty(weight.shape, dtype=weight.dtype)
+                    weight.copy_(nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator))
                     nn.init.zeros_(module.lora_B[name].weight)
 
 
@@ -86,6 +88,30 @@ def load_lora_state(peft_model: PeftModel, state: dict[str, Tensor]) -> None:
 def _few(items: list[str], shown: int = 3) -> str:
     """A readable excerpt: a 30-layer model has 120 LoRA keys."""
     return f"{items[:shown]}" + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every trainable parameter (tied weights once), as detached float32 CPU copies: the upload
+    of full-parameter fine-tuning."""
+    return {
+        name: p.detach().to("cpu", torch.float32).clone() for name, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy weights into the model's parameters of the same names; unknown names or shapes raise."""
+    params = dict(model.named_parameters())
+    unknown = sorted(state.keys() - params.keys())
+    mismatched = [
+        f"{k}: expected {tuple(params[k].shape)}, got {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in params and params[k].shape != v.shape
+    ]
+    if unknown or mismatched:
+        raise ValueError(f"weights do not fit the model: unknown {_few(unknown)}, mismatched shapes {_few(mismatched)}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 def base_weights(model: nn.Module) -> dict[str, Tensor]:

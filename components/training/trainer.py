@@ -8,6 +8,7 @@ vocabulary projection is a fifth of a small model's compute and the prompt needs
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -35,6 +36,14 @@ def set_threads(n: int | None) -> None:
 
 def _loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's supervised tokens, and their count."""
+    sums, counts = _sample_losses(model, batch)
+    return sums.sum(), int(counts.sum())
+
+
+def _sample_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-record summed answer cross-entropy and supervised token counts."""
+    device = next(model.parameters()).device  # a GPU rank's model (components/flare/ddp.py)
+    batch = {k: v.to(device) for k, v in batch.items()}
     targets = batch["labels"][:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     logits = model(
@@ -45,9 +54,9 @@ def _loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     ).logits
     targets = targets[:, positions]
     loss = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+    return loss.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
 def _cycle(n: int, seed: int):
@@ -59,12 +68,17 @@ def _cycle(n: int, seed: int):
         yield from order
 
 
-def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: str = "train") -> dict:
+def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: str = "train", dp=None) -> dict:
     """Run cfg.local_steps AdamW steps on the trainable (LoRA) parameters; deterministic in cfg.seed.
 
     Each step accumulates cfg.grad_accum micro-batches of cfg.batch_size records. Returns
     train_loss (mean over the last quarter of the steps), steps, tokens (supervised),
     input_tokens (non-padding), seconds and tokens_per_s (supervised tokens per second).
+
+    ``dp`` (``privacy.dp_sgd.DPSGD``) makes the steps differentially private: Poisson-sampled
+    records (micro-batches of at most cfg.batch_size), each record's loss its own token mean (a
+    step-wide token count would couple the records and void the per-record sensitivity), per-record
+    gradients clipped and noised by Opacus; the stats then carry ``dp`` (ε spent, σ, q, ...).
     """
     if not records:
         raise ValueError("train_lora: got no training records")
@@ -77,12 +91,16 @@ def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: 
     losses, tokens, input_tokens = [], 0, 0
     start = time.perf_counter()
     model.train()
-    with torch.random.fork_rng(devices=[]), tqdm(total=cfg.local_steps, desc=desc, file=sys.stderr) as bar:
+    session = dp.session(model, optimizer, len(records), cfg) if dp is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), tqdm(total=cfg.local_steps, desc=desc, file=sys.stderr) as bar, \
+            session as private:
         torch.manual_seed(cfg.seed)  # LoRA dropout
         for _ in range(cfg.local_steps):
+            draws = private.draw() if private is not None else [
+                [next(order) for _ in range(cfg.batch_size)] for _ in range(cfg.grad_accum)
+            ]
             batches = []
-            for _ in range(cfg.grad_accum):
-                indices = [next(order) for _ in range(cfg.batch_size)]
+            for indices in draws:
                 for i in indices:
                     if i not in encoded:
                         encoded[i] = encode(tokenizer, records[i], cfg.max_length)
@@ -90,20 +108,29 @@ def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: 
             n_step = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             step_loss = 0.0
             for batch in batches:
-                loss, _ = _loss_sum(model, batch)
-                (loss / max(n_step, 1)).backward()
+                if private is not None:
+                    sums, counts = _sample_losses(model, batch)
+                    private.backward(sums / counts.clamp(min=1))
+                    loss = sums.detach().sum()
+                else:
+                    loss, _ = _loss_sum(model, batch)
+                    (loss / max(n_step, 1)).backward()
                 step_loss += loss.item()
                 input_tokens += int(batch["attention_mask"].sum())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if private is not None:
+                private.step()
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             tokens += n_step
-            losses.append(step_loss / max(n_step, 1))
+            if batches:  # a Poisson draw can be empty: a noise-only step with no loss to report
+                losses.append(step_loss / max(n_step, 1))
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-")
     model.eval()
     seconds = time.perf_counter() - start
-    tail = losses[-math.ceil(len(losses) / 4):]
-    return {
+    tail = losses[-math.ceil(len(losses) / 4):] or [math.nan]
+    stats = {
         "train_loss": sum(tail) / len(tail),
         "steps": cfg.local_steps,
         "tokens": tokens,
@@ -111,6 +138,9 @@ def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: 
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
     }
+    if dp is not None:
+        stats["dp"] = dp.report()
+    return stats
 
 
 @torch.no_grad()
@@ -150,9 +180,10 @@ def _generate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> list[st
         width = max(len(prompts[i]) for i in chunk)
         input_ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in chunk])
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk])
+        device = next(model.parameters()).device
         out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=cfg.max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,

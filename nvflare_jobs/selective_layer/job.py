@@ -19,7 +19,7 @@ import os
 import sys
 
 from components.algorithms.layer_selection import CRITERIA
-from components.flare.job_cli import add_common_args, build_sites, make_env, run_recipe, site_scripts
+from components.flare.job_cli import add_common_args, build_sites, make_env, run_recipe, save_merged_weights, site_recipe_kwargs
 from components.flare.selective_recipe import SelectiveRecipe
 
 
@@ -84,28 +84,6 @@ def print_selections(results_dir: str) -> None:
                 print(f"  round {record['round']}: rejected {site}: {entry.get('rejected') or entry.get('score_rejected')}")
 
 
-def save_merged_full(model: str | None, results_dir: str) -> str | None:
-    """Full mode: the base model with the trained layers replaced, as an HF model directory."""
-    layers = os.path.join(results_dir, "layers.safetensors")
-    if not os.path.isfile(layers):
-        return None
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from components.training.models import resolve_model_dir
-
-    base_dir = resolve_model_dir(model)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    result = base.load_state_dict(load_file(layers), strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"layers.safetensors does not fit the model: {result.unexpected_keys[:3]}")
-    out = os.path.join(results_dir, "merged")
-    base.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
-    return out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     name = args.name or f"selective_{args.selection}"
@@ -127,22 +105,16 @@ def main(argv=None) -> int:
         num_rounds=args.rounds,
         min_clients=args.min_clients,
         clients_per_round=args.clients_per_round,
-        model=args.model,
-        data=args.data,
         costs=costs,
-        seed=args.seed,
-        launch_external_process=not args.in_process,
-        site_scripts=site_scripts(args),
+        **site_recipe_kwargs(args),
     )
     results = args.results or os.path.join("results", name)
     title = f"{name}: mode {args.mode}, budgets {args.budgets}, λ={args.lam}"
     save_merged = args.save_merged and args.mode == "lora"
     rc = run_recipe(recipe, make_env(args, sites), name, results, title, args.model, save_merged)
     print_selections(results)
-    if args.save_merged and args.mode == "full":
-        merged = save_merged_full(args.model, results)
-        if merged:
-            print(f"merged model: {merged}  (AutoModelForCausalLM.from_pretrained(that_dir))")
+    if args.save_merged and args.mode == "full":  # the base with the trained layers replaced
+        save_merged_weights(args.model, results, "layers.safetensors")
     return rc
 
 
