@@ -74,7 +74,7 @@ class OneShotController(ModelController):
         late_grace: seconds after that point during which late results are still folded in.
         timeout: seconds after which the job gives up waiting for min_sites and fails
             (default 3 x deadline).
-        evaluate_global: send the final global to the sites still connected for evaluation only.
+        evaluate_global: send the final global, for evaluation only, to the sites whose results it holds.
         site_configs: {site: {"rank": r, "alpha": a, ...}}; LoRA results must match their site's rank.
         he / he_context: fold ciphertexts (privacy/he_server.py, docs/he.md) as in LoraController;
             the final global then always goes back to the sites, which decrypt and write it.
@@ -272,8 +272,9 @@ class OneShotController(ModelController):
         self._write_json("metrics.json", self.log)
 
     def _evaluate(self, state: dict, folded: list[str]) -> dict:
-        """Measurement only: the sites still connected evaluate the final global."""
-        connected = sorted(c.name for c in self.engine.get_clients())
+        """The sites whose results are in the global (and still connected) evaluate it; a site
+        that died mid-training may still count as connected, and waiting for it would hang."""
+        connected = sorted(c.name for c in self.engine.get_clients() if c.name in folded)
         if self.he_fold:
             params = self.he_fold.payload()
         else:

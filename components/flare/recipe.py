@@ -150,11 +150,11 @@ class LoraRecipe(Recipe):
             _check_homogeneous(configs, method="fedcdd (target factors)", keys=("rank", "target_modules"))
         if mask_rho is not None:
             check_mask_options(mask_rho, mask_sigma, mask_mode, mask_importance)
-        _check_positive("num_rounds", num_rounds)
+        check_positive("num_rounds", num_rounds)
         if clients_per_round is not None:
-            _check_positive("clients_per_round", clients_per_round)
+            check_positive("clients_per_round", clients_per_round)
         min_clients = min_clients if min_clients is not None else min(clients_per_round or len(sites), len(sites))
-        _check_positive("min_clients", min_clients)
+        check_positive("min_clients", min_clients)
         if min_clients > len(sites):
             raise ConfigError(f"min_clients: expected <= number of sites ({len(sites)}), got {min_clients}")
         for label, path in (("model", model), ("data", data)):
@@ -211,15 +211,8 @@ class LoraRecipe(Recipe):
             if not byoc:
                 job.to(installed_client(command, args), site)
                 continue
-            runner = ScriptRunner(
-                script=(site_scripts or {}).get(site) or shared_script,
-                script_args=" ".join(args),
-                launch_external_process=launch_external_process,
-                command=command,
-                framework=FrameworkType.PYTORCH,
-                server_expected_format=ExchangeFormat.PYTORCH,
-            )
-            job.to(runner, site)
+            job.to(site_runner((site_scripts or {}).get(site) or shared_script, args, launch_external_process, command),
+                   site)
         super().__init__(job)
         if mask_rho is not None:  # site side, on the outgoing train result: the server sees only masked updates
             mask = NoiseMaskFilter(
@@ -241,6 +234,18 @@ class LoraRecipe(Recipe):
                            ship_privacy=dp_filter is None)
 
 
+def site_runner(script: str, args: list[str], launch_external_process: bool, command: str) -> ScriptRunner:
+    """One site's client script under FLARE's Client API (tensors exchanged as PyTorch)."""
+    return ScriptRunner(
+        script=script,
+        script_args=" ".join(args),
+        launch_external_process=launch_external_process,
+        command=command,
+        framework=FrameworkType.PYTORCH,
+        server_expected_format=ExchangeFormat.PYTORCH,
+    )
+
+
 def installed_client(command: str, args: list[str]) -> ClientAPIExecutor:
     """What ScriptRunner builds for the client script, started from the installed package."""
     return ClientAPIExecutor(
@@ -251,7 +256,7 @@ def installed_client(command: str, args: list[str]) -> ClientAPIExecutor:
     )
 
 
-def _check_positive(key: str, value) -> None:
+def check_positive(key: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
 

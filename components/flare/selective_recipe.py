@@ -12,16 +12,13 @@ import json
 import os
 from collections.abc import Mapping
 
-from nvflare.client.config import ExchangeFormat
-from nvflare.fuel.utils.constants import FrameworkType
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.file_source import FileSource
-from nvflare.job_config.script_runner import ScriptRunner
 from nvflare.recipe.spec import Recipe
 
 from components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
 from components.data.site_data import load_site_data
-from components.flare.recipe import client_script
+from components.flare.recipe import check_positive, client_script, site_runner
 from components.flare.selective_controller import SelectiveController
 from components.flare.site_args import to_args
 from components.training.config import ConfigError, SiteConfig
@@ -107,13 +104,13 @@ class SelectiveRecipe(Recipe):
         if not sites:
             raise ConfigError("sites: expected at least one site, got none")
         for key, value in (("num_rounds", num_rounds), ("sel_gap", sel_gap), ("score_batches", score_batches)):
-            _check_positive(key, value)
+            check_positive(key, value)
         if selection == "snr" and score_batches < 2:
             raise ConfigError(f"score_batches: selection 'snr' needs >= 2 (mean/std over batches), got {score_batches}")
         if clients_per_round is not None:
-            _check_positive("clients_per_round", clients_per_round)
+            check_positive("clients_per_round", clients_per_round)
         min_clients = min_clients if min_clients is not None else min(clients_per_round or len(sites), len(sites))
-        _check_positive("min_clients", min_clients)
+        check_positive("min_clients", min_clients)
         if min_clients > len(sites):
             raise ConfigError(f"min_clients: expected <= number of sites ({len(sites)}), got {min_clients}")
         for label, path in (("model", model), ("data", data)):
@@ -186,15 +183,8 @@ class SelectiveRecipe(Recipe):
             args += ["--model", model] if model else []
             args += ["--data", os.path.abspath(data)] if data else []
             args += ["--site-config", *to_args(cfg)]
-            runner = ScriptRunner(
-                script=(site_scripts or {}).get(site) or shared_script,
-                script_args=" ".join(args),
-                launch_external_process=launch_external_process,
-                command=command,
-                framework=FrameworkType.PYTORCH,
-                server_expected_format=ExchangeFormat.PYTORCH,
-            )
-            job.to(runner, site)
+            job.to(site_runner((site_scripts or {}).get(site) or shared_script, args, launch_external_process, command),
+                   site)
         super().__init__(job)
         if dp_filter is not None:  # site side, on the outgoing train result (privacy/client_dp_filter.py)
             self.add_client_output_filter(dp_filter, tasks=["train"])
@@ -202,11 +192,6 @@ class SelectiveRecipe(Recipe):
             self._add_to_client_apps(FileSource(PRIVACY_DIR, dest_dir="privacy", app_folder_type="custom"))
         if he:  # last, after DP; every task ships (encrypted) layers: score, train, validate
             add_he_filters(self, he_context_dir, True, ("score", "train", "validate"), ship_privacy=dp_filter is None)
-
-
-def _check_positive(key: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
 
 
 def _check_same_adapter(configs: Mapping[str, SiteConfig]) -> None:

@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--late-grace", type=float, default=0.0, help="seconds to keep folding late results after that")
     g.add_argument("--timeout", type=float, default=None, help="give up waiting for --min-sites (default 3 x deadline)")
     g.add_argument("--evaluate-global", action="store_true",
-                   help="send the final global to the connected sites for evaluation (a measurement, not part of the protocol)")
+                   help="send the final global to the sites it holds, for evaluation (a measurement, not part of the protocol)")
     g.add_argument("--name", default=None, help="job name (default: one_shot_<method>)")
     add_common_args(p)
     p.set_defaults(rounds=1)
