@@ -151,15 +151,8 @@ class LoraRecipe(Recipe):
         if mask_rho is not None:
             check_mask_options(mask_rho, mask_sigma, mask_mode, mask_importance)
         check_positive("num_rounds", num_rounds)
-        if clients_per_round is not None:
-            check_positive("clients_per_round", clients_per_round)
-        min_clients = min_clients if min_clients is not None else min(clients_per_round or len(sites), len(sites))
-        check_positive("min_clients", min_clients)
-        if min_clients > len(sites):
-            raise ConfigError(f"min_clients: expected <= number of sites ({len(sites)}), got {min_clients}")
-        for label, path in (("model", model), ("data", data)):
-            if path and os.path.sep in path and not os.path.exists(path):
-                raise FileNotFoundError(f"{label} directory not found: {path}")
+        min_clients = check_participation(len(sites), min_clients, clients_per_round)
+        check_paths(model=model, data=data)
         if data and os.path.isdir(data):  # local data (simulator, POC): bad files fail before the job starts
             for index, site in enumerate(configs):
                 load_site_data(data, site, index, seed=configs[site].seed)
@@ -254,6 +247,24 @@ def installed_client(command: str, args: list[str]) -> ClientAPIExecutor:
         params_exchange_format=ExchangeFormat.PYTORCH,
         server_expected_format=ExchangeFormat.PYTORCH,
     )
+
+
+def check_participation(num_sites: int, min_clients: int | None, clients_per_round: int | None) -> int:
+    """Validated min_clients (default: all sites, or clients_per_round when sampling)."""
+    if clients_per_round is not None:
+        check_positive("clients_per_round", clients_per_round)
+    min_clients = min_clients if min_clients is not None else min(clients_per_round or num_sites, num_sites)
+    check_positive("min_clients", min_clients)
+    if min_clients > num_sites:
+        raise ConfigError(f"min_clients: expected <= number of sites ({num_sites}), got {min_clients}")
+    return min_clients
+
+
+def check_paths(**paths: str | None) -> None:
+    """A local path that does not exist fails before the job starts (hub ids have no separator)."""
+    for label, path in paths.items():
+        if path and os.path.sep in path and not os.path.exists(path):
+            raise FileNotFoundError(f"{label} directory not found: {path}")
 
 
 def check_positive(key: str, value) -> None:

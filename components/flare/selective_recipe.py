@@ -18,7 +18,7 @@ from nvflare.recipe.spec import Recipe
 
 from components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
 from components.data.site_data import load_site_data
-from components.flare.recipe import check_positive, client_script, site_runner
+from components.flare.recipe import check_participation, check_paths, check_positive, client_script, site_runner
 from components.flare.selective_controller import SelectiveController
 from components.flare.site_args import to_args
 from components.training.config import ConfigError, SiteConfig
@@ -107,15 +107,8 @@ class SelectiveRecipe(Recipe):
             check_positive(key, value)
         if selection == "snr" and score_batches < 2:
             raise ConfigError(f"score_batches: selection 'snr' needs >= 2 (mean/std over batches), got {score_batches}")
-        if clients_per_round is not None:
-            check_positive("clients_per_round", clients_per_round)
-        min_clients = min_clients if min_clients is not None else min(clients_per_round or len(sites), len(sites))
-        check_positive("min_clients", min_clients)
-        if min_clients > len(sites):
-            raise ConfigError(f"min_clients: expected <= number of sites ({len(sites)}), got {min_clients}")
-        for label, path in (("model", model), ("data", data)):
-            if path and os.path.sep in path and not os.path.exists(path):
-                raise FileNotFoundError(f"{label} directory not found: {path}")
+        min_clients = check_participation(len(sites), min_clients, clients_per_round)
+        check_paths(model=model, data=data)
 
         budgets, configs = {}, {}
         for site, settings in sites.items():
