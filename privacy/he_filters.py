@@ -35,25 +35,22 @@ PLAN_KEY = "he"  # task meta key of the server's plan: {"context_id", "grouping"
 PLAN_PROP = "flare_lora_he_plan"  # the plan, handed from the task-data filter to the task-result filter
 RESULTS_DIRNAME = "flare_lora"
 PRIVACY_DIR = os.path.dirname(os.path.abspath(__file__))
-COMPONENTS_DIR = os.path.join(os.path.dirname(PRIVACY_DIR), "components")
 
 
-def add_he_filters(recipe, context_dir: str | None, byoc: bool, tasks, ship_components: bool = True,
-                   ship_privacy: bool = True) -> None:
+def add_he_filters(recipe, context_dir: str | None, byoc: bool, tasks, ship_privacy: bool = True) -> None:
     """Every site decrypts the global of each of ``tasks`` and encrypts its "train" results, after
     the filters already on "train" (FLARE runs a task's filters in the order they were added).
 
     ``context_dir``: simulator contexts (provision_sim_contexts), else the startup kits'. With
-    ``byoc``, the packages the filters import are shipped whole into the sites' custom/ folders
-    (FLARE's partial copy of a filter's imports would shadow the installed packages); ``ship_*``
-    False when another filter already ships that package.
+    ``byoc``, the ``privacy`` package is shipped whole into the sites' custom/ folders (FLARE's
+    partial copy of a filter's imports would shadow the installed package; ``components`` is
+    shipped with the client script); ``ship_privacy`` False when another filter already ships it.
     """
     context = os.path.abspath(os.path.join(context_dir, CLIENT_CONTEXT)) if context_dir else CLIENT_CONTEXT
     recipe.add_client_input_filter(HEDecryptFilter(context_file=context), tasks=list(tasks))
     recipe.add_client_output_filter(HEEncryptFilter(context_file=context), tasks=["train"])
-    for ship, folder, name in ((ship_components, COMPONENTS_DIR, "components"), (ship_privacy, PRIVACY_DIR, "privacy")):
-        if byoc and ship:
-            recipe._add_to_client_apps(FileSource(folder, dest_dir=name, app_folder_type="custom"))
+    if byoc and ship_privacy:
+        recipe._add_to_client_apps(FileSource(PRIVACY_DIR, dest_dir="privacy", app_folder_type="custom"))
 
 
 class _SiteHE(DXOFilter):

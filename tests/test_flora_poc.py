@@ -151,7 +151,7 @@ def test_site_allow_list_entries_for_a_non_byoc_run(tmp_path, exported_job):
 
     nvflare enforces ``class_allow_list`` (site ``local/resources.json``) only for jobs without
     custom code; the default list (nvflare's DEFAULT_CLASS_ALLOW_LIST) contains neither our
-    controller nor nvflare's own ClientAPIExecutor.
+    controller nor our client executor (components.flare.restarting_executor).
     """
     from nvflare.apis.fl_exception import UnsafeComponentError
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST

@@ -14,6 +14,7 @@ from components.report import load_metrics, per_round
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"
 BAD_SITE = Path(__file__).parent / "sites" / "bad_site.py"
+CRASH_ONCE = Path(__file__).parent / "sites" / "crash_once.py"
 
 pytestmark = pytest.mark.e2e
 
@@ -97,16 +98,31 @@ def split_ag_news(out_dir):
     return out_dir
 
 
-@pytest.mark.parametrize("method,ranks", [("fedit", "4,4,4"), ("zero_pad", "2,4,8")])
-def test_averaging_baselines_run_through_the_same_job(tmp_path, tiny_model_dir, method, ranks):
-    data = ["--data", str(split_ag_news(tmp_path / "data"))] if method == "zero_pad" else []
+def test_averaging_site_whose_training_process_dies_rejoins_with_the_current_global(tmp_path, tiny_model_dir):
+    """FedIT, external processes: site-3's training process dies in round 0 (tests/sites/crash_once.py);
+    round 0 goes on with the others, site-3's FLARE client starts a new process, which loads round 0's
+    global and trains round 1 like the others."""
+    log, results, proc = run_job(
+        tmp_path, tiny_model_dir, "--method", "fedit", "--ranks", "4,4,4", "--rounds", "2", "--min-clients", "2",
+        "--site-script", f"site-3={CRASH_ONCE}",
+    )  # fmt: skip
+    assert log["method"] == "fedit" and set(stacked_ranks(results).values()) == {4}
+    assert [sorted(r["aggregated"]) for r in log["rounds"]] == [["site-1", "site-2"], ["site-1", "site-2", "site-3"]]
+    assert log["rounds"][0]["sites"]["site-3"].get("missing")
+    # round 1: every site, the new process included, installed the one global of round 0
+    assert {e["merged_rounds"] for e in log["rounds"][1]["sites"].values()} == {1}
+    assert {e["merged_rounds"] for e in log["final"]["sites"].values()} == {2}
+
+
+def test_zero_pad_runs_through_the_same_job(tmp_path, tiny_model_dir):
+    data = ["--data", str(split_ag_news(tmp_path / "data"))]
     log, results, _ = run_job(
-        tmp_path, tiny_model_dir, "--method", method, "--ranks", ranks, "--rounds", "2", "--in-process", *data
+        tmp_path, tiny_model_dir, "--method", "zero_pad", "--ranks", "2,4,8", "--rounds", "2", "--in-process", *data
     )
-    assert log["method"] == method and len(log["rounds"]) == 2
-    assert set(stacked_ranks(results).values()) == {max(int(r) for r in ranks.split(","))}
-    if data:  # 20 records per site, 20% held out
-        assert {e["num_examples"] for e in log["rounds"][0]["sites"].values()} == {16}
+    assert log["method"] == "zero_pad" and len(log["rounds"]) == 2
+    assert set(stacked_ranks(results).values()) == {8}
+    # 20 records per site, 20% held out
+    assert {e["num_examples"] for e in log["rounds"][0]["sites"].values()} == {16}
 
 
 def test_bad_update_is_rejected_and_round_goes_on(tmp_path, tiny_model_dir):

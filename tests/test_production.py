@@ -184,6 +184,37 @@ def test_job_without_code_refuses_in_process_and_site_scripts(tiny_model_dir):
         LoraRecipe(sites=sites, model=tiny_model_dir, byoc=False, site_scripts={"site-1": __file__})
 
 
+def test_trainer_restarts_are_configured_in_the_job_and_validated(tmp_path, tiny_model_dir):
+    """``max_trainer_restarts`` reaches each site's RestartingExecutor through the exported config
+    (FLARE reads constructor arguments back from attributes), which FLARE's own component builder
+    turns back into the executor a site runs; bad values fail before the job starts."""
+    from nvflare.fuel.utils.component_builder import ComponentBuilder
+
+    from components.flare.restarting_executor import RestartingExecutor
+
+    sites = {"site-1": {"rank": 2}}
+    LoraRecipe(sites=sites, num_rounds=1, model=tiny_model_dir, byoc=False, max_trainer_restarts=0).export(
+        str(tmp_path / "export"))
+    config = json.loads((tmp_path / "export" / "flora" / "app_site-1" / "config" / "config_fed_client.json").read_text())
+    spec = config["executors"][0]["executor"]
+    assert spec["path"] == "components.flare.restarting_executor.RestartingExecutor"
+    assert spec["args"]["max_restarts"] == 0 and spec["args"]["execution_mode"] == "external_process"
+    class Builder(ComponentBuilder):  # what a site does with the config (the path is given in full)
+        def get_module_scanner(self):
+            return None
+
+    executor = Builder().build_component(spec)
+    assert isinstance(executor, RestartingExecutor) and executor.max_restarts == 0
+    assert executor.execution_mode == "external_process"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="max_trainer_restarts"):
+            LoraRecipe(sites=sites, model=tiny_model_dir, max_trainer_restarts=bad)
+        with pytest.raises(ValueError, match="max_restarts"):
+            RestartingExecutor(execution_mode="external_process", command="python3 x.py", max_restarts=bad)
+    with pytest.raises(ValueError, match="external_process"):
+        RestartingExecutor(execution_mode="in_process", task_script_path="x.py")
+
+
 # ------------------------------------------------------------------ provisioning + policy
 
 

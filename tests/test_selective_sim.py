@@ -23,6 +23,7 @@ from components.training.models import load_model_and_tokenizer, make_tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "selective_layer" / "job.py"
 BAD_LAYER_SITE = Path(__file__).parent / "sites" / "bad_layer_site.py"
+CRASH_ONCE = Path(__file__).parent / "sites" / "crash_once.py"
 
 
 @pytest.fixture(scope="session")
@@ -151,23 +152,37 @@ def run_job(tmp_path, model_dir, *args, env_extra=None, expect_ok=True):
 
 
 @pytest.mark.e2e
-def test_selective_lora_job_with_heterogeneous_budgets_and_an_admin_cap(tmp_path, tiny4_model_dir):
+def test_selective_lora_job_with_heterogeneous_budgets_an_admin_cap_and_a_crash(tmp_path, tiny4_model_dir):
+    """site-1's training process dies in its second train task (tests/sites/crash_once.py): round 1
+    goes on with the others; in round 2 a new process, sent every global layer (its state is
+    unknown), not only those round 1 updated, scores and trains with them, so all sites end with
+    the same model."""
     log, results, proc = run_job(
-        tmp_path, tiny4_model_dir, "--budgets", "1,2,4", "--rounds", "2", "--lam", "0.1", "--rank", "2",
-        env_extra={"FLARE_LORA_MAX_LAYERS_SITE_3": "3"},  # site-3's admin caps the job's 4 layers at 3
+        tmp_path, tiny4_model_dir, "--budgets", "4,1,3", "--rounds", "3", "--lam", "0.1", "--rank", "2",
+        "--min-clients", "2", "--site-script", f"site-1={CRASH_ONCE}",
+        env_extra={"FLARE_LORA_MAX_LAYERS_SITE_3": "2",  # site-3's admin caps the job's 3 layers at 2
+                   "CRASH_ONCE_AFTER_TRAININGS": "1"},
     )  # fmt: skip
     assert log["selection"] == "selective" and log["mode"] == "lora" and log["num_layers"] == 4
-    assert len(log["rounds"]) == 2 and len(log["selections"]) == 2
+    assert len(log["rounds"]) == 3 and len(log["selections"]) == 3
     for sel in log["selections"]:
-        assert sel["budgets"] == {"site-1": 1, "site-2": 2, "site-3": 3}
+        assert sel["budgets"] == {"site-1": 4, "site-2": 1, "site-3": 2}
         for s, layers in sel["layers"].items():
             assert len(layers) <= sel["budgets"][s]
-    for record, sel in zip(log["rounds"], log["selections"]):
-        assert sorted(record["aggregated"]) == ["site-1", "site-2", "site-3"]
-        trained = sorted({l for layers in sel["layers"].values() for l in layers})
+    assert log["rounds"][1]["sites"]["site-1"].get("missing")
+    # round 0 (site-1: every layer) updated a layer that round 1 (at most 1 + 2 layers) did not;
+    # the new process had it too when it scored round 2: every site scored the same model
+    assert set(log["rounds"][0]["layers_updated"]) - set(log["rounds"][1]["layers_updated"])
+    for record in log["rounds"]:
+        assert len({e["score_digest"] for e in record["sites"].values()}) == 1, record["sites"]
+    everyone = ["site-1", "site-2", "site-3"]
+    for record, sel, sites in zip(log["rounds"], log["selections"], (everyone, everyone[1:], everyone)):
+        assert sorted(record["aggregated"]) == sites
+        trained = sorted({l for s in sites for l in sel["layers"][s]})
         assert record["layers_updated"] == trained
-        for s, entry in record["sites"].items():
-            assert entry["layers"] == sel["layers"][s] and entry["budget_cap"] == (3 if s == "site-3" else None)
+        for s in sites:
+            entry = record["sites"][s]
+            assert entry["layers"] == sel["layers"][s] and entry["budget_cap"] == (2 if s == "site-3" else None)
     # every site ends holding the same model; the adapter is a loadable PEFT adapter
     digests = {s: e["digest"] for s, e in log["final"]["sites"].items()}
     assert len(digests) == 3 and len(set(digests.values())) == 1, digests

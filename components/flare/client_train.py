@@ -207,6 +207,11 @@ class SelectiveSite:
     def digest(self) -> str:
         return weights_digest(dict(self.model.named_parameters()))
 
+    def layers_digest(self) -> str:
+        """Digest of the tensors the job trains (lora mode: the factors only): cheap, sent with every score."""
+        layers = layer_parameters(self.model, self.mode).values()
+        return weights_digest({key: param for params in layers for key, param in params.items()})
+
     def _meta(self, **extra) -> dict:
         return {"layer_versions": {str(k): v for k, v in sorted(self.versions.items())},
                 "num_layers": self.num_layers, **extra}
@@ -226,14 +231,15 @@ class SelectiveSite:
     def score(self, criterion: str, rnd: int = 0) -> dict:
         if self.dp is not None:  # gradient scores of the training records would bypass DP: report none
             return self._meta(scores=[0.0] * self.num_layers, criterion=criterion, budget=self.budget,
-                              budget_configured=self.configured_budget, budget_cap=self.budget_cap, dp_scores="withheld")
+                              budget_configured=self.configured_budget, budget_cap=self.budget_cap,
+                              digest=self.layers_digest(), dp_scores="withheld")
         stats = layer_scores(
             self.model, self.tokenizer, self.train_set, self.cfg, score_parameters(self.model, self.mode),
             batches=self.score_batches, seed=self.cfg.seed * 1000003 + rnd * 1009 + self.site_index + 17,
         )
         return self._meta(
             scores=layer_criterion(stats, criterion), criterion=criterion, budget=self.budget,
-            budget_configured=self.configured_budget, budget_cap=self.budget_cap,
+            budget_configured=self.configured_budget, budget_cap=self.budget_cap, digest=self.layers_digest(),
             score_tokens=stats["tokens"], score_seconds=stats["seconds"],
         )
 

@@ -38,6 +38,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=None, help="dir with <site>.jsonl per site; default: embedded tasks")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--in-process", action="store_true", help="run site training inside the FLARE client process")
+    g.add_argument("--max-trainer-restarts", type=int, default=3, metavar="N",
+                   help="times per job a site starts a new training process after the last one died (0: never)")
     g.add_argument(
         "--site-script",
         action="append",
@@ -173,7 +175,8 @@ def site_recipe_kwargs(args) -> dict:
     """The recipe arguments every job takes from add_common_args' flags: model, data, seed, how
     sites run, and the privacy options (client-level DP, HE)."""
     return dict(model=args.model, data=args.data, seed=args.seed, launch_external_process=not args.in_process,
-                site_scripts=site_scripts(args), client_dp=client_dp_options(args), **he_recipe_kwargs(args))
+                max_trainer_restarts=args.max_trainer_restarts, site_scripts=site_scripts(args),
+                client_dp=client_dp_options(args), **he_recipe_kwargs(args))
 
 
 def save_merged_weights(model: str | None, results_dir: str, weights_file: str) -> None:

@@ -203,6 +203,7 @@ class ParticipantPids:
     daemon: Optional[int] = None  # the sub_start.sh watchdog loop (restarts `main` if it dies)
     main: Optional[int] = None  # the parent FL process (server_train / client_train)
     jobs: list[int] = field(default_factory=list)  # job processes (children of `main`)
+    trainers: list[int] = field(default_factory=list)  # what the job processes launched (client scripts)
     all: list[int] = field(default_factory=list)  # every live process of this participant
 
 
@@ -750,9 +751,10 @@ class IsolatedPocEnv(PocEnv):
             roots = {p for p, (_, uid, argv) in table.items() if uid == os.getuid() and _refs_path(argv, site_dir)}
             roots |= {p for p in (daemon, main) if p is not None}
             every = _descendants(table, roots) & set(table)
-            jobs = sorted(_descendants(table, {main}) - {main}) if main else []
-            jobs = [p for p in jobs if _is_python(table[p][2])]
-            out[name] = ParticipantPids(name=name, daemon=daemon, main=main, jobs=jobs, all=sorted(every))
+            jobs = sorted(p for p, (ppid, _, argv) in table.items() if main and ppid == main and _is_python(argv))
+            trainers = sorted(p for p in _descendants(table, set(jobs)) - set(jobs) if _is_python(table[p][2]))
+            out[name] = ParticipantPids(name=name, daemon=daemon, main=main, jobs=jobs, trainers=trainers,
+                                        all=sorted(every))
         return out
 
     def kill_site(self, site: str, sig: int = signal.SIGKILL, keep_down: bool = True) -> list[int]:

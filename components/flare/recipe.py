@@ -1,8 +1,8 @@
 """``LoraRecipe``: one FLARE Recipe for every federated LoRA method (flora, fedit, zero_pad, fedcdd).
 
 Validates the whole job configuration before anything starts (site, key, expected vs got), then
-wires the LoraController on the server and one ScriptRunner per site running the shared client
-script with that site's own rank/alpha/target modules/optimiser settings.
+wires the LoraController on the server and, per site, the shared client script (a training process,
+started again if it dies) with that site's own rank/alpha/target modules/optimiser settings.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 
-from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
+from nvflare.app_common.executors.client_api_executor import ExecutionMode
 from nvflare.client.config import ExchangeFormat
 from nvflare.fuel.utils.constants import FrameworkType
 from nvflare.job_config.api import FedJob
@@ -26,6 +26,7 @@ from components.data.site_data import load_site_data
 from components.algorithms.noise_mask import check_mask_options
 from components.flare.controller import LoraController
 from components.flare.noise_mask import NoiseMaskFilter
+from components.flare.restarting_executor import RestartingExecutor
 from components.flare.site_args import to_args
 from components.methods import get_method
 from components.training.config import ConfigError, SiteConfig
@@ -90,6 +91,7 @@ class LoraRecipe(Recipe):
         client_dp: Mapping | None = None,
         he: bool = False,
         he_context_dir: str | None = None,
+        max_trainer_restarts: int = 3,
     ):
         """Args:
         sites: {site name: per-site config} (keys of SiteConfig: rank, alpha, target_modules,
@@ -126,6 +128,8 @@ class LoraRecipe(Recipe):
             secret key. Contexts come from the startup kits (FLARE's HEBuilder), or with
             he_context_dir from a folder made by privacy.he_context.provision_sim_contexts
             (simulator, test-only). A missing context fails the job before training.
+        max_trainer_restarts: how often per job a site launches a new training process after
+            its last one died (components/flare/restarting_executor.py); 0: never.
         """
         get_method(method, **dict(method_options or {}))
         if he and controller is None:  # a given controller (one-shot) checks its own method
@@ -151,6 +155,7 @@ class LoraRecipe(Recipe):
         if mask_rho is not None:
             check_mask_options(mask_rho, mask_sigma, mask_mode, mask_importance)
         check_positive("num_rounds", num_rounds)
+        check_restarts(max_trainer_restarts)
         min_clients = check_participation(len(sites), min_clients, clients_per_round)
         check_paths(model=model, data=data)
         if data and os.path.isdir(data):  # local data (simulator, POC): bad files fail before the job starts
@@ -201,52 +206,56 @@ class LoraRecipe(Recipe):
             args += ["--model", model] if model else []
             args += ["--data", os.path.abspath(data)] if data else []
             args += ["--site-config", *to_args(cfg)]
-            if not byoc:
-                job.to(installed_client(command, args), site)
-                continue
-            job.to(site_runner((site_scripts or {}).get(site) or shared_script, args, launch_external_process, command),
-                   site)
+            script = None if not byoc else (site_scripts or {}).get(site) or shared_script
+            add_site_trainer(job, site, args, script=script, command=command,
+                             launch_external_process=launch_external_process, max_restarts=max_trainer_restarts)
         super().__init__(job)
         if mask_rho is not None:  # site side, on the outgoing train result: the server sees only masked updates
             mask = NoiseMaskFilter(
                 rho=mask_rho, sigma=mask_sigma, mode=mask_mode, importance=mask_importance, seed=seed
             )
             self.add_client_output_filter(mask, tasks=["train"])
-            if byoc:
-                # FLARE copies the filter's module (and what it imports) into each site's custom/
-                # folder: a partial `components` namespace that would shadow the installed package
-                # for the client script (an editable install is found only after sys.path). Ship the
-                # whole package there instead, as the server already runs its copied controller code.
-                self._add_to_client_apps(FileSource(PACKAGE_DIR, dest_dir="components", app_folder_type="custom"))
         if dp_filter is not None:  # site side too: the server sees only clipped and noised changes
             self.add_client_output_filter(dp_filter, tasks=["train"])
-            if byoc:  # the whole package, for the same reason as above
+            if byoc:  # the whole package: FLARE's partial copy of the filter's imports would shadow the installed one
                 self._add_to_client_apps(FileSource(PRIVACY_DIR, dest_dir="privacy", app_folder_type="custom"))
         if he:  # added last, so that encryption sees what DP and the mask produced
-            add_he_filters(self, he_context_dir, byoc, ("train", "validate"), ship_components=mask_rho is None,
-                           ship_privacy=dp_filter is None)
+            add_he_filters(self, he_context_dir, byoc, ("train", "validate"), ship_privacy=dp_filter is None)
 
 
-def site_runner(script: str, args: list[str], launch_external_process: bool, command: str) -> ScriptRunner:
-    """One site's client script under FLARE's Client API (tensors exchanged as PyTorch)."""
-    return ScriptRunner(
-        script=script,
-        script_args=" ".join(args),
-        launch_external_process=launch_external_process,
-        command=command,
-        framework=FrameworkType.PYTORCH,
-        server_expected_format=ExchangeFormat.PYTORCH,
-    )
+def add_site_trainer(job: FedJob, site: str, args: list[str], *, script: str | None, command: str = "python3 -u",
+                     launch_external_process: bool = True, max_restarts: int = 3) -> None:
+    """One site's client script under FLARE's Client API, tensors exchanged as PyTorch.
+
+    ``script``: a script the job carries (BYOC), or None for the pip-installed client module.
+    External process (default): started by ``command``, and started again at the next task after
+    it died (RestartingExecutor). Otherwise in the FLARE client process (nvflare's ScriptRunner).
+    A BYOC job carries the whole ``components`` package: FLARE's copy of the modules its
+    components import would otherwise be a partial package shadowing the installed one.
+    """
+    if not launch_external_process:  # adds the script to the job too
+        job.to(ScriptRunner(script=script, script_args=" ".join(args), framework=FrameworkType.PYTORCH,
+                            server_expected_format=ExchangeFormat.PYTORCH), site)
+    else:
+        if script is None:
+            entry = ["-m", CLIENT_MODULE]
+        else:  # where the job export puts the script (as ScriptRunner has it)
+            entry = [f"custom/{os.path.basename(script) if os.path.isabs(script) else script}"]
+            job.to(script, site)
+        job.to(RestartingExecutor(
+            execution_mode=ExecutionMode.EXTERNAL_PROCESS,
+            command=[*shlex.split(command), *entry, *args],
+            params_exchange_format=ExchangeFormat.PYTORCH,
+            server_expected_format=ExchangeFormat.PYTORCH,
+            max_restarts=max_restarts,
+        ), site)
+    if script is not None:
+        job.to(FileSource(PACKAGE_DIR, dest_dir="components", app_folder_type="custom"), site)
 
 
-def installed_client(command: str, args: list[str]) -> ClientAPIExecutor:
-    """What ScriptRunner builds for the client script, started from the installed package."""
-    return ClientAPIExecutor(
-        execution_mode=ExecutionMode.EXTERNAL_PROCESS,
-        command=[*shlex.split(command), "-m", CLIENT_MODULE, *args],
-        params_exchange_format=ExchangeFormat.PYTORCH,
-        server_expected_format=ExchangeFormat.PYTORCH,
-    )
+def check_restarts(max_trainer_restarts) -> None:
+    if not isinstance(max_trainer_restarts, int) or isinstance(max_trainer_restarts, bool) or max_trainer_restarts < 0:
+        raise ConfigError(f"max_trainer_restarts: expected an integer >= 0, got {max_trainer_restarts!r}")
 
 
 def check_participation(num_sites: int, min_clients: int | None, clients_per_round: int | None) -> int:

@@ -155,6 +155,9 @@ class SelectiveController(ModelController):
                 for site in to_score:
                     if site in results:
                         self._vet_scores(rnd, site, results[site], score_record)
+                digests = {s: e["digest"] for s, e in score_record["sites"].items() if e.get("digest")}
+                if len(set(digests.values())) > 1:  # each site should have installed the whole global
+                    self.error(f"round {rnd}: sites scored different models: {digests}")
             participants = [s for s in sites if s in self.site_scores
                             and not (score_record and score_record["sites"].get(s, {}).get("rejected"))
                             and not (score_record and score_record["sites"].get(s, {}).get("missing"))]
@@ -280,6 +283,7 @@ class SelectiveController(ModelController):
             if site not in results:
                 self.warning(f"round {rnd}: no {task} result from {site}")
                 record["sites"][site]["missing"] = True
+                self.site_versions.pop(site, None)  # it may have restarted from the base model: send it every layer
         return results, record
 
     def _vet_scores(self, rnd: int, site: str, result: FLModel, record: dict) -> None:
@@ -375,16 +379,19 @@ class SelectiveController(ModelController):
 
     @staticmethod
     def _fold_score_bytes(record: dict, score_record: dict) -> None:
-        """A round's communication = its score task + its train task."""
+        """A round's communication = its score task + its train task; plus what the scores came with."""
         for site, entry in record["sites"].items():
             scored = score_record["sites"].get(site, {})
             for key in ("upload_bytes", "download_bytes"):
                 if key in scored:
                     entry["score_" + key] = scored[key]
                     entry[key] = entry.get(key, 0) + scored[key]
-            for key in ("scores", "budget", "budget_configured", "budget_cap", "rejected"):
+            for key in ("scores", "budget", "budget_configured", "budget_cap"):
                 if key in scored:
-                    entry[("score_rejected" if key == "rejected" else key)] = scored[key]
+                    entry[key] = scored[key]
+            for key in ("rejected", "digest"):  # named apart from the train task's own
+                if key in scored:
+                    entry["score_" + key] = scored[key]
 
     def _fail(self, reason: str) -> None:
         self.log["error"] = reason

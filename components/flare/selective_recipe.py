@@ -18,7 +18,14 @@ from nvflare.recipe.spec import Recipe
 
 from components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
 from components.data.site_data import load_site_data
-from components.flare.recipe import check_participation, check_paths, check_positive, client_script, site_runner
+from components.flare.recipe import (
+    add_site_trainer,
+    check_participation,
+    check_paths,
+    check_positive,
+    check_restarts,
+    client_script,
+)
 from components.flare.selective_controller import SelectiveController
 from components.flare.site_args import to_args
 from components.training.config import ConfigError, SiteConfig
@@ -77,6 +84,7 @@ class SelectiveRecipe(Recipe):
         client_dp: Mapping | None = None,
         he: bool = False,
         he_context_dir: str | None = None,
+        max_trainer_restarts: int = 3,
     ):
         """Args:
         sites: {site: settings}: the keys of SiteConfig (rank, alpha, target_modules, lr,
@@ -105,6 +113,7 @@ class SelectiveRecipe(Recipe):
             raise ConfigError("sites: expected at least one site, got none")
         for key, value in (("num_rounds", num_rounds), ("sel_gap", sel_gap), ("score_batches", score_batches)):
             check_positive(key, value)
+        check_restarts(max_trainer_restarts)
         if selection == "snr" and score_batches < 2:
             raise ConfigError(f"score_batches: selection 'snr' needs >= 2 (mean/std over batches), got {score_batches}")
         min_clients = check_participation(len(sites), min_clients, clients_per_round)
@@ -176,8 +185,8 @@ class SelectiveRecipe(Recipe):
             args += ["--model", model] if model else []
             args += ["--data", os.path.abspath(data)] if data else []
             args += ["--site-config", *to_args(cfg)]
-            job.to(site_runner((site_scripts or {}).get(site) or shared_script, args, launch_external_process, command),
-                   site)
+            add_site_trainer(job, site, args, script=(site_scripts or {}).get(site) or shared_script, command=command,
+                             launch_external_process=launch_external_process, max_restarts=max_trainer_restarts)
         super().__init__(job)
         if dp_filter is not None:  # site side, on the outgoing train result (privacy/client_dp_filter.py)
             self.add_client_output_filter(dp_filter, tasks=["train"])

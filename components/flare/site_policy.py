@@ -22,7 +22,7 @@ import json
 import os
 
 SERVER_ALLOW = ("components.flare.controller.LoraController",)
-CLIENT_ALLOW = ("nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",)
+CLIENT_ALLOW = ("components.flare.restarting_executor.RestartingExecutor",)
 # client side, one per job option that adds a site filter
 NOISE_MASK_ALLOW = ("components.flare.noise_mask.NoiseMaskFilter",)  # --mask-rho
 CLIENT_DP_ALLOW = ("privacy.client_dp_filter.ClientDPFilter",)  # client-level DP filter
