@@ -74,9 +74,12 @@ def test_flora_heterogeneous_ranks_external_process(tmp_path, tiny_model_dir):
 
 
 def test_flora_partial_participation_catches_up_in_process(tmp_path, tiny_model_dir):
+    """A bfloat16 base with gradient checkpointing at every site (the memory switches for large
+    models): sites that sat out rounds merge them later and still hold identical base weights."""
     log, _, _ = run_job(
-        tmp_path, tiny_model_dir, "--ranks", "2,3,4", "--rounds", "3", "--clients-per-round", "2", "--in-process"
-    )
+        tmp_path, tiny_model_dir, "--ranks", "2,3,4", "--rounds", "3", "--clients-per-round", "2", "--in-process",
+        "--dtype", "bfloat16", "--gradient-checkpointing",
+    )  # fmt: skip
     sampled = [sorted(r["sites"]) for r in log["rounds"]]
     assert all(len(s) == 2 for s in sampled)
     assert len({s for r in sampled for s in r}) == 3, "every site should be sampled at least once"
@@ -84,6 +87,8 @@ def test_flora_partial_participation_catches_up_in_process(tmp_path, tiny_model_
     digests = final_digests(log)
     assert len(digests) == 3 and len(set(digests.values())) == 1, digests
     assert all(e["merged_rounds"] == 3 for e in log["final"]["sites"].values())
+    configs = [c.read_text() for c in (tmp_path / "ws").rglob("config_fed_client.json")]
+    assert len(configs) == 3 and all("dtype=bfloat16" in c and "gradient_checkpointing=true" in c for c in configs)
 
 
 def split_ag_news(out_dir):
@@ -165,6 +170,10 @@ def test_config_errors_name_site_and_key(tmp_path, tiny_model_dir):
         build(min_clients=3)
     with pytest.raises(ConfigError, match="site 'site-2'.*fedit"):
         build(method="fedit")
+    mixed = {"site-1": {"rank": 2}, "site-2": {"rank": 4, "dtype": "bfloat16"}}
+    with pytest.raises(ConfigError, match="site 'site-2': key 'dtype': flora needs the same value at every site"):
+        build(sites=mixed)
+    build(sites=mixed, method="zero_pad")  # averaging sites merge nothing: each keeps its own dtype
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         LoraRecipe(sites={"site-1": {}}, model=str(tmp_path / "no-such-model"))
     # the CLI turns them into one line and exit code 2; a malformed JSONL line is named by file:line

@@ -51,6 +51,8 @@ def peft_model(tiny_model_dir):
         ("batch_size", 0),
         ("target_modules", []),
         ("dropout", 1.0),
+        ("dtype", "bf16"),
+        ("gradient_checkpointing", "yes"),
         ("bogus", 1),
     ],
 )
@@ -134,6 +136,44 @@ def test_train_lora_reduces_loss_deterministically(tiny_model_dir):
     assert results[0]["steps"] == 20 and results[0]["tokens"] == 20 * 2 * 4 * 2  # digit + eos
     assert results[0]["train_loss"] == results[1]["train_loss"]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_bf16_base_with_gradient_checkpointing_trains_float32_lora_like_without(tiny_model_dir):
+    """The memory switches of docs/production.md: a bfloat16 base (the LoRA factors stay float32)
+    with activations recomputed in the backward pass trains exactly as without recomputation, and
+    FLoRA merges rounds into the bfloat16 base reproducibly (sites keep identical weights)."""
+    from components.algorithms.merge import weights_digest
+    from components.flare.client_train import load_model
+    from components.methods import FLoRA, pack_rounds
+
+    cfg = SiteConfig(lr=1e-2, local_steps=4, seed=3, dtype="bfloat16")
+    runs = []
+    for checkpointing in (False, True):
+        site = SiteConfig.from_dict({**cfg.to_dict(), "gradient_checkpointing": checkpointing}, "site-1")
+        model, tokenizer = load_model(tiny_model_dir, site)
+        assert model.is_gradient_checkpointing == checkpointing
+        model = add_lora(model, site)
+        before = lora_state(model)
+        stats = train_lora(model, tokenizer, RECORDS, site)
+        runs.append((stats["train_loss"], lora_state(model), model))
+    (loss, state, _), (loss_ckpt, state_ckpt, model) = runs
+    assert loss == loss_ckpt and all(torch.equal(state[k], state_ckpt[k]) for k in state)
+    assert all(v.dtype == torch.float32 for v in state.values()) and any(not torch.equal(state[k], before[k]) for k in state)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+
+    rounds = pack_rounds({0: state, 1: state_ckpt})
+    digests = []
+    for _ in range(2):  # two sites catching up on the same rounds
+        site_model = add_lora(load_model(tiny_model_dir, cfg)[0], cfg)
+        assert FLoRA.install(site_model, rounds, 0, seed=1) == 2
+        digests.append(weights_digest(base_weights(site_model)))
+    assert digests[0] == digests[1]
+    assert digests[0] != weights_digest(base_weights(add_lora(load_model(tiny_model_dir, cfg)[0], cfg)))
+
+
+def test_gradient_checkpointing_is_refused_with_dp_sgd():
+    with pytest.raises(ConfigError, match="site 's': key 'gradient_checkpointing': expected false with DP-SGD"):
+        SiteConfig.from_dict({"gradient_checkpointing": True, "dp_noise_multiplier": 1.0}, "s")
 
 
 def test_set_threads():

@@ -78,7 +78,7 @@ def main(argv=None) -> None:
         return
     method = get_method(args.method)
 
-    model, tokenizer = load_model_and_tokenizer(resolve_model_dir(args.model))
+    model, tokenizer = load_model(args.model, cfg)
     if method.lora:
         model = add_lora(model, cfg, site)
     model.to(group.device)
@@ -120,6 +120,14 @@ def main(argv=None) -> None:
         params = lora_state(model) if method.lora else trainable_state(model)
         flare.send(FLModel(params=params, params_type=ParamsType.FULL, metrics=metrics, meta=meta))
     group.close()
+
+
+def load_model(model: str | None, cfg: SiteConfig):
+    """The base model in the site's dtype, with gradient checkpointing when the site asks for it."""
+    model, tokenizer = load_model_and_tokenizer(resolve_model_dir(model), dtype=cfg.torch_dtype)
+    if cfg.gradient_checkpointing:  # non-reentrant: the frozen base needs no input gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
 
 
 def dp_metrics(metrics: dict, dp: DPSGD | None) -> dict:
@@ -182,7 +190,7 @@ class SelectiveSite:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, site: str, cfg: SiteConfig) -> SelectiveSite:
-        model, tokenizer = load_model_and_tokenizer(resolve_model_dir(args.model))
+        model, tokenizer = load_model(args.model, cfg)
         if args.mode == "lora":
             model = add_lora(model, cfg, site)
             reset_lora(model, args.init_seed)  # every site starts from the same adapter

@@ -15,6 +15,7 @@ import shutil
 import sys
 
 from components.report import comm_totals, load_metrics, write_report
+from components.training.config import DTYPES
 from privacy.dp_config import add_dp_args, client_dp_options, dp_site_settings
 
 METRICS_GLOB = os.path.join("**", "flare_lora", "metrics.json")
@@ -29,6 +30,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--threads", type=int, default=None, help="torch threads per site (default: cores / sites)")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the base model's dtype at every site (default float32; LoRA factors stay float32)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, more compute (not with DP-SGD)")
     g.add_argument("--site-config", default=None, help="JSON file {site: {key: value}} overriding the above")
     g = p.add_argument_group("job")
     g.add_argument("--rounds", type=int, default=3)
@@ -158,7 +163,8 @@ def build_sites(args) -> dict[str, dict]:
     for i, rank in enumerate(ranks):
         cfg = {"rank": rank, "alpha": args.alpha_ratio * rank, "threads": threads, "seed": args.seed}
         cfg["target_modules"] = [m for m in args.target_modules.split(",") if m]
-        for key, value in (("local_steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size)):
+        for key, value in (("local_steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                           ("dtype", args.dtype), ("gradient_checkpointing", args.gradient_checkpointing or None)):
             if value is not None:
                 cfg[key] = value
         cfg.update(dp_site_settings(args))

@@ -148,6 +148,9 @@ class LoraRecipe(Recipe):
         configs = {site: SiteConfig.from_dict(dict(cfg), site) for site, cfg in sites.items()}
         if method == "fedit":
             _check_homogeneous(configs)
+        if method == "flora" and num_rounds > 1:  # every site merges each round into its base weights
+            _check_homogeneous(configs, method="flora", keys=("dtype",),
+                               hint="sites keep identical base weights only when they merge in the same dtype")
         if he and method == "zero_pad":  # ciphertexts add slot by slot: the same tensors at every site
             _check_homogeneous(configs, method="zero_pad with he", keys=("target_modules",))
         if method == "fedcdd" and dict(method_options or {}).get("target", "factors") == "factors":
@@ -281,14 +284,13 @@ def check_positive(key: str, value) -> None:
         raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
 
 
-def _check_homogeneous(
-    configs: Mapping[str, SiteConfig], method: str = "fedit", keys=("rank", "alpha", "target_modules")
-) -> None:
+def _check_homogeneous(configs: Mapping[str, SiteConfig], method: str = "fedit",
+                       keys=("rank", "alpha", "target_modules"), hint: str | None = None) -> None:
     """FedIT averages A's and B's elementwise: every site needs the same rank, alpha and modules."""
     first_site, first = next(iter(configs.items()))
-    hint = "use method flora or zero_pad for heterogeneous ranks"
-    if method != "fedit":
-        hint = "use method flora or zero_pad, or fedcdd with target delta, for heterogeneous ranks"
+    if hint is None:
+        hint = ("use method flora or zero_pad for heterogeneous ranks" if method == "fedit"
+                else "use method flora or zero_pad, or fedcdd with target delta, for heterogeneous ranks")
     for site, cfg in configs.items():
         for key in keys:
             if getattr(cfg, key) != getattr(first, key):

@@ -14,6 +14,9 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the site and key."""
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # the base model's dtype at a site
+
+
 @dataclass
 class SiteConfig:
     rank: int = 8
@@ -30,6 +33,10 @@ class SiteConfig:
     threads: int | None = None
     seed: int = 0
     max_eval: int | None = None
+    # memory (docs/production.md section 5): the base model's dtype (LoRA factors stay float32) and
+    # activation recomputation in the backward pass
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
     # sample-level DP-SGD (privacy/dp_sgd.py, docs/dp.md): on when dp_epsilon or dp_noise_multiplier is set
     dp_epsilon: float | None = None  # target ε over dp_planned_steps (the recipe fills rounds x local_steps)
     dp_noise_multiplier: float | None = None  # or σ directly
@@ -44,6 +51,12 @@ class SiteConfig:
     def dp(self) -> bool:
         """Sample-level DP-SGD requested."""
         return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def scaling(self) -> float:
@@ -120,6 +133,9 @@ def _check_dp(cfg: SiteConfig, site: str) -> None:
         if given:
             raise ConfigError(f"site {site!r}: key {given[0]!r}: DP option given but DP is off; "
                               "expected dp_epsilon or dp_noise_multiplier as well")
+    if cfg.dp and cfg.gradient_checkpointing:  # Opacus' per-record gradients miss recomputed activations
+        raise ConfigError(f"site {site!r}: key 'gradient_checkpointing': expected false with DP-SGD "
+                          "(Opacus cannot compute per-record gradients through recomputed activations), got true")
     if cfg.dp_epsilon is not None and cfg.dp_epsilon_max is not None and cfg.dp_epsilon > cfg.dp_epsilon_max:
         raise ConfigError(f"site {site!r}: key 'dp_epsilon': expected a target <= dp_epsilon_max "
                           f"({cfg.dp_epsilon_max!r}), got {cfg.dp_epsilon!r}")
@@ -145,6 +161,8 @@ _RULES = {
     "threads": _int(1, optional=True),
     "seed": _int(0),
     "max_eval": _int(1, optional=True),
+    "dtype": lambda v: None if v in DTYPES else f"one of {list(DTYPES)}",
+    "gradient_checkpointing": lambda v: None if isinstance(v, bool) else "true or false",
     "dp_epsilon": _optional(_positive),
     "dp_noise_multiplier": _optional(_positive),
     "dp_delta": _unit_interval,
