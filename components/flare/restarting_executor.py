@@ -38,19 +38,18 @@ class RestartingExecutor(ClientAPIExecutor):
         self.failed_task = ""  # the task that failed last, until a new trainer is up
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if self.failed_task and not self._relaunch(task_name, fl_ctx):
+        if self.failed_task and self.restarts < self.max_restarts and not self._relaunch(task_name, fl_ctx):
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
         if reply.get_return_code() in TRAINER_LOST:
             self.failed_task = task_name
+            if self.restarts >= self.max_restarts:  # from here on, nvflare's own behaviour
+                self.log_error(fl_ctx, f"task '{task_name}' failed at this site; no new trainer: "
+                                       f"max_restarts={self.max_restarts} used up")
         return reply
 
     def _relaunch(self, task_name: str, fl_ctx: FLContext) -> bool:
         """Finalize the backend of the failed trainer and start one with a new trainer."""
-        if self.restarts >= self.max_restarts:
-            self.log_error(fl_ctx, f"task '{task_name}' not run: the trainer failed during task "
-                                   f"'{self.failed_task}' and max_restarts={self.max_restarts} are used up")
-            return False
         self.restarts += 1
         self.log_warning(fl_ctx, f"task '{self.failed_task}' failed at this site; launching a new trainer "
                                  f"for task '{task_name}' (restart {self.restarts} of {self.max_restarts})")

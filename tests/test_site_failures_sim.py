@@ -1,0 +1,52 @@
+"""A site that fails in a real FLARE simulator job (nvflare_jobs/flora/job.py, tiny random Llama):
+its update is bad, or its training process dies; the round goes on with the others when
+min_clients allows, and a restarted process catches up."""
+
+import pytest
+from flora_sim_jobs import SITE_SCRIPTS, run_job, stacked_ranks
+
+BAD_SITE = SITE_SCRIPTS / "bad_site.py"
+CRASH_ONCE = SITE_SCRIPTS / "crash_once.py"
+
+pytestmark = pytest.mark.e2e
+
+
+def test_averaging_site_whose_training_process_dies_rejoins_with_the_current_global(tmp_path, tiny_model_dir):
+    """FedIT, external processes: site-3's training process dies in round 0 (tests/sites/crash_once.py);
+    round 0 goes on with the others, site-3's FLARE client starts a new process, which loads round 0's
+    global and trains round 1 like the others."""
+    log, results, proc = run_job(
+        tmp_path, tiny_model_dir, "--method", "fedit", "--ranks", "4,4,4", "--rounds", "2", "--min-clients", "2",
+        "--site-script", f"site-3={CRASH_ONCE}",
+    )  # fmt: skip
+    assert log["method"] == "fedit" and set(stacked_ranks(results).values()) == {4}
+    assert [sorted(r["aggregated"]) for r in log["rounds"]] == [["site-1", "site-2"], ["site-1", "site-2", "site-3"]]
+    assert log["rounds"][0]["sites"]["site-3"].get("missing")
+    # round 1: every site, the new process included, installed the one global of round 0
+    assert {e["merged_rounds"] for e in log["rounds"][1]["sites"].values()} == {1}
+    assert {e["merged_rounds"] for e in log["final"]["sites"].values()} == {2}
+
+
+def test_bad_update_is_rejected_and_round_goes_on(tmp_path, tiny_model_dir):
+    log, _, _ = run_job(
+        tmp_path,
+        tiny_model_dir,
+        "--ranks", "2,2,2", "--rounds", "1", "--min-clients", "2", "--in-process",
+        "--site-script", f"site-3={BAD_SITE}",
+    )  # fmt: skip
+    record = log["rounds"][0]
+    assert sorted(record["aggregated"]) == ["site-1", "site-2"]
+    assert "NaN" in record["sites"]["site-3"]["rejected"] or "nan" in record["sites"]["site-3"]["rejected"].lower()
+
+
+def test_fewer_valid_sites_than_min_clients_fails_clearly(tmp_path, tiny_model_dir):
+    log, _, proc = run_job(
+        tmp_path,
+        tiny_model_dir,
+        "--ranks", "2,2", "--rounds", "2", "--min-clients", "2", "--in-process",
+        "--site-script", f"site-2={BAD_SITE}",
+        expect_ok=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert log is not None and "min_clients=2" in log["error"], proc.stdout[-3000:]
+    assert len(log["rounds"]) == 0
