@@ -13,12 +13,12 @@ JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"
 SITE_SCRIPTS = Path(__file__).parent / "sites"
 
 
-def run_job(tmp_path, model_dir, *args, expect_ok=True):
+def run_job(tmp_path, model_dir, *args, expect_ok=True, env_extra=None):
     """Run job.py in its own process; return (metrics log, results dir, completed process)."""
     results = tmp_path / "results"
     cmd = [sys.executable, str(JOB), "--model", str(model_dir), "--workspace", str(tmp_path / "ws")]
     cmd += ["--results", str(results), "--steps", "2", "--batch-size", "2", "--threads", "1", *args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

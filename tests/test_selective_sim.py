@@ -23,7 +23,7 @@ from components.training.models import load_model_and_tokenizer, make_tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "selective_layer" / "job.py"
 BAD_LAYER_SITE = Path(__file__).parent / "sites" / "bad_layer_site.py"
-CRASH_ONCE = Path(__file__).parent / "sites" / "crash_once.py"
+CRASHING_TRAINER = Path(__file__).parent / "sites" / "crashing_trainer.py"
 
 
 @pytest.fixture(scope="session")
@@ -153,15 +153,15 @@ def run_job(tmp_path, model_dir, *args, env_extra=None, expect_ok=True):
 
 @pytest.mark.e2e
 def test_selective_lora_job_with_heterogeneous_budgets_an_admin_cap_and_a_crash(tmp_path, tiny4_model_dir):
-    """site-1's training process dies in its second train task (tests/sites/crash_once.py): round 1
+    """site-1's training process dies in its second train task (tests/sites/crashing_trainer.py): round 1
     goes on with the others; in round 2 a new process, sent every global layer (its state is
     unknown), not only those round 1 updated, scores and trains with them, so all sites end with
     the same model."""
     log, results, proc = run_job(
         tmp_path, tiny4_model_dir, "--budgets", "4,1,3", "--rounds", "3", "--lam", "0.1", "--rank", "2",
-        "--min-clients", "2", "--site-script", f"site-1={CRASH_ONCE}",
+        "--min-clients", "2", "--site-script", f"site-1={CRASHING_TRAINER}",
         env_extra={"FLARE_LORA_MAX_LAYERS_SITE_3": "2",  # site-3's admin caps the job's 3 layers at 2
-                   "CRASH_ONCE_AFTER_TRAININGS": "1"},
+                   "CRASH_AFTER_TRAININGS": "1"},
     )  # fmt: skip
     assert log["selection"] == "selective" and log["mode"] == "lora" and log["num_layers"] == 4
     assert len(log["rounds"]) == 3 and len(log["selections"]) == 3

@@ -6,18 +6,18 @@ import pytest
 from flora_sim_jobs import SITE_SCRIPTS, run_job, stacked_ranks
 
 BAD_SITE = SITE_SCRIPTS / "bad_site.py"
-CRASH_ONCE = SITE_SCRIPTS / "crash_once.py"
+CRASHING_TRAINER = SITE_SCRIPTS / "crashing_trainer.py"
 
 pytestmark = pytest.mark.e2e
 
 
 def test_averaging_site_whose_training_process_dies_rejoins_with_the_current_global(tmp_path, tiny_model_dir):
-    """FedIT, external processes: site-3's training process dies in round 0 (tests/sites/crash_once.py);
+    """FedIT, external processes: site-3's training process dies in round 0 (tests/sites/crashing_trainer.py);
     round 0 goes on with the others, site-3's FLARE client starts a new process, which loads round 0's
     global and trains round 1 like the others."""
     log, results, proc = run_job(
         tmp_path, tiny_model_dir, "--method", "fedit", "--ranks", "4,4,4", "--rounds", "2", "--min-clients", "2",
-        "--site-script", f"site-3={CRASH_ONCE}",
+        "--site-script", f"site-3={CRASHING_TRAINER}",
     )  # fmt: skip
     assert log["method"] == "fedit" and set(stacked_ranks(results).values()) == {4}
     assert [sorted(r["aggregated"]) for r in log["rounds"]] == [["site-1", "site-2"], ["site-1", "site-2", "site-3"]]
@@ -25,6 +25,22 @@ def test_averaging_site_whose_training_process_dies_rejoins_with_the_current_glo
     # round 1: every site, the new process included, installed the one global of round 0
     assert {e["merged_rounds"] for e in log["rounds"][1]["sites"].values()} == {1}
     assert {e["merged_rounds"] for e in log["final"]["sites"].values()} == {2}
+
+
+def test_a_trainer_that_keeps_dying_is_restarted_at_most_max_restarts_times(tmp_path, tiny_model_dir):
+    """Every training process of site-3 dies; with --max-trainer-restarts 1 its FLARE client starts
+    one new process (round 1), then no more: the job finishes its rounds with the two others."""
+    log, _, proc = run_job(
+        tmp_path, tiny_model_dir, "--ranks", "2,2,2", "--rounds", "3", "--min-clients", "2",
+        "--max-trainer-restarts", "1", "--site-script", f"site-3={CRASHING_TRAINER}",
+        env_extra={"CRASH_EVERY_PROCESS": "1"},
+    )  # fmt: skip
+    assert [sorted(r["aggregated"]) for r in log["rounds"]] == [["site-1", "site-2"]] * 3
+    assert all(r["sites"]["site-3"].get("missing") for r in log["rounds"])
+    assert sorted(log["final"]["sites"]) == ["site-1", "site-2", "site-3"] and log["final"]["sites"]["site-3"]["missing"]
+    site3 = next((tmp_path / "ws").rglob("site-3/log.txt")).read_text(errors="replace")
+    assert site3.count("launching a new trainer") == 1 and "(restart 1 of 1)" in site3
+    assert "no new trainer: max_restarts=1 used up" in site3
 
 
 def test_bad_update_is_rejected_and_round_goes_on(tmp_path, tiny_model_dir):
