@@ -1,9 +1,9 @@
 """FLARE Client API script: the one site-side training path shared by every flare-lora job.
 
-FLARE runs it in-process or as an external process (ScriptRunner). Each task it installs the
-global state the server sent (method strategy), evaluates that global model on the site's held-out
-split, and — for "train" tasks — trains its own LoRA and uploads the factors (``--method full``:
-trains every weight of a small model and uploads them all).
+FLARE runs it in-process (ScriptRunner) or as an external process (RestartingExecutor). Each
+task it installs the global state the server sent (method strategy), evaluates that global model
+on the site's held-out split, and — for "train" tasks — trains its own LoRA and uploads the
+factors (``--method full``: trains every weight of a small model and uploads them all).
 
 ``--method selective`` (nvflare_jobs/selective_layer) swaps the per-task work for the
 :class:`SelectiveSite` task handler — "score" (per-layer gradient statistics and the site's layer
