@@ -171,7 +171,7 @@ def test_selective_lora_job_with_heterogeneous_budgets_an_admin_cap_and_a_crash(
             assert len(layers) <= sel["budgets"][s]
     assert log["rounds"][1]["sites"]["site-1"].get("missing")
     # round 0 (site-1: every layer) updated a layer that round 1 (at most 1 + 2 layers) did not;
-    # the new process had it too when it scored round 2: every site scored the same model
+    # the new process had it too when it scored round 2: every site scored the same layers
     assert set(log["rounds"][0]["layers_updated"]) - set(log["rounds"][1]["layers_updated"])
     for record in log["rounds"]:
         assert len({e["score_digest"] for e in record["sites"].values()}) == 1, record["sites"]
