@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from flora_sim_jobs import final_digests, run_job, stacked_ranks
+from sim_jobs import final_digests, run_job, stacked_ranks
 
 from components.report import per_round
 

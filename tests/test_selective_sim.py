@@ -2,12 +2,9 @@
 (nvflare_jobs/selective_layer/job.py) end to end on a 4-layer tiny random Llama."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import sim_jobs
 import torch
 from conftest import TOKENIZER_DIR
 
@@ -15,15 +12,13 @@ from components.algorithms.layer_average import layer_of
 from components.data.synthetic import default_site_data
 from components.flare.client_train import SelectiveSite, budget_cap
 from components.flare.selective_recipe import SelectiveRecipe
-from components.report import load_metrics
 from components.training.config import ConfigError, SiteConfig
 from components.training.lora import add_lora, layer_state, reset_lora
 from components.training.models import load_model_and_tokenizer, make_tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
-JOB = ROOT / "nvflare_jobs" / "selective_layer" / "job.py"
-BAD_LAYER_SITE = Path(__file__).parent / "sites" / "bad_layer_site.py"
-CRASHING_TRAINER = Path(__file__).parent / "sites" / "crashing_trainer.py"
+JOB = sim_jobs.ROOT / "nvflare_jobs" / "selective_layer" / "job.py"
+BAD_LAYER_SITE = sim_jobs.SITE_SCRIPTS / "bad_layer_site.py"
+CRASHING_TRAINER = sim_jobs.SITE_SCRIPTS / "crashing_trainer.py"
 
 
 @pytest.fixture(scope="session")
@@ -139,16 +134,8 @@ def test_server_vets_scores_and_updates_naming_the_site():
 # --- FLARE simulator jobs ------------------------------------------------------------------
 
 
-def run_job(tmp_path, model_dir, *args, env_extra=None, expect_ok=True):
-    results = tmp_path / "results"
-    cmd = [sys.executable, str(JOB), "--model", str(model_dir), "--workspace", str(tmp_path / "ws")]
-    cmd += ["--results", str(results), "--steps", "2", "--batch-size", "2", "--threads", "1", *args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
-    if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    metrics = results / "metrics.json"
-    return (load_metrics(metrics) if metrics.exists() else None), results, proc
+def run_job(tmp_path, model_dir, *args, **kwargs):
+    return sim_jobs.run_job(tmp_path, model_dir, *args, job=JOB, **kwargs)
 
 
 @pytest.mark.e2e

@@ -3,7 +3,7 @@ its update is bad, or its training process dies; the round goes on with the othe
 min_clients allows, and a restarted process catches up."""
 
 import pytest
-from flora_sim_jobs import SITE_SCRIPTS, run_job, stacked_ranks
+from sim_jobs import SITE_SCRIPTS, run_job, stacked_ranks
 
 BAD_SITE = SITE_SCRIPTS / "bad_site.py"
 CRASHING_TRAINER = SITE_SCRIPTS / "crashing_trainer.py"

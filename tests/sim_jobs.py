@@ -1,4 +1,4 @@
-"""Running nvflare_jobs/flora/job.py in the FLARE simulator from a test, and reading what it wrote."""
+"""Running a job script (nvflare_jobs/*/job.py) in the FLARE simulator from a test, and reading what it wrote."""
 
 import os
 import subprocess
@@ -9,17 +9,17 @@ from components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
 from components.report import load_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"
+FLORA_JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"
 SITE_SCRIPTS = Path(__file__).parent / "sites"
 
 
-def run_job(tmp_path, model_dir, *args, expect_ok=True, env_extra=None):
-    """Run job.py in its own process; return (metrics log, results dir, completed process)."""
+def run_job(tmp_path, model_dir, *args, job=FLORA_JOB, expect_ok=True, env_extra=None):
+    """Run ``job`` in its own process; return (metrics log, results dir, completed process)."""
     results = tmp_path / "results"
-    cmd = [sys.executable, str(JOB), "--model", str(model_dir), "--workspace", str(tmp_path / "ws")]
+    cmd = [sys.executable, str(job), "--model", str(model_dir), "--workspace", str(tmp_path / "ws")]
     cmd += ["--results", str(results), "--steps", "2", "--batch-size", "2", "--threads", "1", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     metrics = results / "metrics.json"
