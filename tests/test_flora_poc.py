@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -153,10 +152,9 @@ def test_site_allow_list_entries_for_a_non_byoc_run(tmp_path, exported_job):
     custom code; the default list (nvflare's DEFAULT_CLASS_ALLOW_LIST) contains neither our
     controller nor our client executor (components.flare.restarting_executor).
     """
-    from nvflare.apis.fl_exception import UnsafeComponentError
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-    from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
     from nvflare.private.fed.app.default_app_validator import DefaultAppValidator
+    from site_allow_list import site_allows
 
     # as exported, every app carries code in custom/: FLARE marks the job BYOC and skips the allow-list
     for app, site_type in (("app_server", "server"), ("app_site-1", "client")):
@@ -168,24 +166,10 @@ def test_site_allow_list_entries_for_a_non_byoc_run(tmp_path, exported_job):
     controller, executor = server["workflows"][0], client["executors"][0]["executor"]
     assert (controller["path"], executor["path"]) == (SERVER_ALLOW, CLIENT_ALLOW)
 
-    class SiteWorkspace:  # the one thing the authorizer asks of a site workspace: its resources file
-        def __init__(self, path: Path):
-            self.path = path
-
-        def get_resources_file_path(self):
-            return str(self.path)
-
     def allowed(component, allow_list) -> bool:
         """What a site whose local/resources.json has this class_allow_list decides for ``component``."""
-        resources = tmp_path / f"resources_{next(counter)}.json"
-        resources.write_text(json.dumps({"format_version": 2, "class_allow_list": allow_list}))
-        try:
-            ComponentPathAuthorizer().authorize_component_config(component, workspace=SiteWorkspace(resources))
-            return True
-        except UnsafeComponentError:
-            return False
+        return site_allows(component, allow_list, tmp_path / "resources.json")
 
-    counter = itertools.count()
     default = list(DEFAULT_CLASS_ALLOW_LIST)
     assert not allowed(controller, default) and not allowed(executor, default)
     assert allowed(controller, default + [SERVER_ALLOW]) and allowed(executor, default + [CLIENT_ALLOW])

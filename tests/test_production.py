@@ -122,10 +122,9 @@ def test_job_without_code_passes_the_allow_list_with_exactly_our_entries(tmp_pat
     """``--no-byoc`` export: no app carries code, and with nvflare's own authorizer the sites'
     default allow-list plus site_policy's entries admits every component, while dropping any one
     of those entries rejects the component it covers."""
-    from nvflare.apis.fl_exception import UnsafeComponentError
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-    from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
     from nvflare.fuel.utils.secret_utils import PotentialSecretWarning
+    from site_allow_list import site_allows
     from nvflare.private.fed.app.default_app_validator import DefaultAppValidator
 
     kwargs = {k: v for option in options for k, v in OPTIONS[option].items()}
@@ -146,22 +145,8 @@ def test_job_without_code_passes_the_allow_list_with_exactly_our_entries(tmp_pat
     assert client["executors"][0]["executor"]["args"]["command"][:4] == [
         "python3", "-u", "-m", "components.flare.client_train"]
 
-    class SiteWorkspace:  # what the authorizer reads of a site: its local/resources.json
-        def __init__(self, path):
-            self.path = path
-
-        def get_resources_file_path(self):
-            return str(self.path)
-
-    resources = tmp_path / "resources.json"
-
     def allowed(component: dict, allow_list: list[str]) -> bool:
-        resources.write_text(json.dumps({"format_version": 2, "class_allow_list": allow_list}))
-        try:
-            ComponentPathAuthorizer().authorize_component_config(component, workspace=SiteWorkspace(resources))
-            return True
-        except UnsafeComponentError:
-            return False
+        return site_allows(component, allow_list, tmp_path / "resources.json")
 
     default = list(DEFAULT_CLASS_ALLOW_LIST)
     for app, components in _components(job).items():
