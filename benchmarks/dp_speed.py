@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import ag_news_records  # noqa: E402  (the quality benchmark's AG News loader)
 
-from components.training.config import SiteConfig  # noqa: E402
-from components.training.lora import add_lora  # noqa: E402
-from components.training.models import load_model_and_tokenizer, resolve_model_dir  # noqa: E402
-from components.training.trainer import set_threads, train_lora  # noqa: E402
-from privacy.dp_sgd import DPSGD  # noqa: E402
+from flare_lora.components.training.config import SiteConfig  # noqa: E402
+from flare_lora.components.training.lora import add_lora  # noqa: E402
+from flare_lora.components.training.models import load_model_and_tokenizer, resolve_model_dir  # noqa: E402
+from flare_lora.components.training.trainer import set_threads, train_lora  # noqa: E402
+from flare_lora.privacy.dp_sgd import DPSGD  # noqa: E402
 
 MODES = ("hooks", "functorch", "ghost", "fast")
 

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402
 
-from components.algorithms.merge import weights_digest  # noqa: E402
-from components.training.lora import base_weights  # noqa: E402
-from components.training.models import load_model_and_tokenizer, resolve_model_dir  # noqa: E402
-from components.training.trainer import set_threads  # noqa: E402
+from flare_lora.components.algorithms.merge import weights_digest  # noqa: E402
+from flare_lora.components.training.lora import base_weights  # noqa: E402
+from flare_lora.components.training.models import load_model_and_tokenizer, resolve_model_dir  # noqa: E402
+from flare_lora.components.training.trainer import set_threads  # noqa: E402
 
 
 def key(eps: float, seed: int) -> str:

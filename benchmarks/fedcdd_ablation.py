@@ -3,7 +3,7 @@
 
 In-process, through the project's own code paths (no FLARE): every simulated site is a real
 model with its own LoRA driven by ``SiteConfig``, ``add_lora``, ``train_lora`` and the strategy
-objects of ``components.methods`` (server ``aggregate``/``payload``, client ``install``); the
+objects of ``flare_lora.components.methods`` (server ``aggregate``/``payload``, client ``install``); the
 mask is the same ``mask_update`` call, with the same per-(site, round) seed, as the site-side
 FLARE filter ``components/flare/noise_mask.py``. Data preparation and the evaluation of the
 global model are reused from ``benchmarks/quality.py`` (``make_data``, ``eval_global``).
@@ -35,18 +35,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402  (data, evaluation and helpers shared with the quality benchmark)
 
-from components.algorithms.averaging import fedit  # noqa: E402
-from components.algorithms.consensus_divergence import (  # noqa: E402
+from flare_lora.components.algorithms.averaging import fedit  # noqa: E402
+from flare_lora.components.algorithms.consensus_divergence import (  # noqa: E402
     decompose,
     direction_similarity,
     direction_weights,
     fedcdd_aggregate,
 )
-from components.algorithms.noise_mask import mask_seed, mask_update  # noqa: E402
-from components.methods import SiteUpdate, check_update, get_method  # noqa: E402
-from components.training.lora import add_lora, load_lora_state, lora_state  # noqa: E402
-from components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir  # noqa: E402
-from components.training.trainer import set_threads, train_lora  # noqa: E402
+from flare_lora.components.algorithms.noise_mask import mask_seed, mask_update  # noqa: E402
+from flare_lora.components.methods import SiteUpdate, check_update, get_method  # noqa: E402
+from flare_lora.components.training.lora import add_lora, load_lora_state, lora_state  # noqa: E402
+from flare_lora.components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir  # noqa: E402
+from flare_lora.components.training.trainer import set_threads, train_lora  # noqa: E402
 
 # name -> (method, method options, mask on?)
 ROWS = {
@@ -91,7 +91,7 @@ def ag_news_headlines(tokenizer, max_length: int) -> list[dict]:
     description: the full mode must fit 25 min on 2 shared cores), those that fit max_length."""
     import csv
 
-    from components.data.prompts import encode
+    from flare_lora.components.data.prompts import encode
 
     records = []
     with open(q.AG_NEWS_CSV, newline="", encoding="utf-8") as f:

@@ -17,7 +17,7 @@ per tensor), CKKSVector.serialize / ts.ckks_vector_from (what its fobs decompose
 context it also attaches to every vector, reported separately), HEInTimeAccumulateWeightedAggregator
 (accept + aggregate: sum, then division by the total weight under encryption) and
 HEModelDecryptor.decryption; context: HEBuilder's default (N=8192, [60, 40, 40], scale 2^40).
-Ours: privacy.he_packing / he_aggregate / he_server (complex slots, seeded uploads, integer weights
+Ours: flare_lora.privacy.he_packing / he_aggregate / he_server (complex slots, seeded uploads, integer weights
 applied by the server, the public 1/Σ weights applied after decryption), with the recommended
 context (N=8192, [58, 58], scale 2^36) and with NVFlare's default context.
 
@@ -134,11 +134,11 @@ def nvflare_path(sites, builder_args: dict) -> dict:
 
 
 def our_path(sites, builder_args: dict) -> dict:
-    from components.methods import SiteUpdate
-    from privacy.he_aggregate import decrypt_payload
-    from privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, Ckks, load_context, provision_sim_contexts
-    from privacy.he_packing import HE_KEY, encrypt_state
-    from privacy.he_server import LoraHE, open_server_context
+    from flare_lora.components.methods import SiteUpdate
+    from flare_lora.privacy.he_aggregate import decrypt_payload
+    from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, Ckks, load_context, provision_sim_contexts
+    from flare_lora.privacy.he_packing import HE_KEY, encrypt_state
+    from flare_lora.privacy.he_server import LoraHE, open_server_context
 
     with tempfile.TemporaryDirectory() as folder:
         provision_sim_contexts(folder, **builder_args)
@@ -152,7 +152,7 @@ def our_path(sites, builder_args: dict) -> dict:
         t_enc.append(t)
 
     def aggregate():
-        from privacy.he_packing import EncryptedUpdate
+        from flare_lora.privacy.he_packing import EncryptedUpdate
 
         loaded = [SiteUpdate(f"site-{k}", EncryptedUpdate.from_wire(w, server, fresh=True), n, 1, 1.0)
                   for k, (w, n) in enumerate(zip(uploads, WEIGHTS))]

@@ -34,10 +34,10 @@ def status_mb(key: str) -> float:
 
 def run_one(args) -> dict:
     """One setting, in this process: what a site with these keys uses."""
-    from components.flare.client_train import load_model
-    from components.training.config import SiteConfig
-    from components.training.lora import add_lora
-    from components.training.trainer import train_lora
+    from flare_lora.components.flare.client_train import load_model
+    from flare_lora.components.training.config import SiteConfig
+    from flare_lora.components.training.lora import add_lora
+    from flare_lora.components.training.trainer import train_lora
 
     cfg = SiteConfig.from_dict({"rank": 8, "alpha": 16, "local_steps": args.steps, "batch_size": args.batch_size,
                                 "max_length": args.max_length, "threads": args.threads, "dtype": args.dtype,

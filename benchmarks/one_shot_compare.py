@@ -34,14 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402  (AG News records, evaluation helpers)
 
-from components.algorithms.merge import merge_rounds_into  # noqa: E402
-from components.algorithms.stacking import stack_lora  # noqa: E402
-from components.data.split import dirichlet_split  # noqa: E402
-from components.data.synthetic import default_site_data  # noqa: E402
-from components.training.config import SiteConfig  # noqa: E402
-from components.training.lora import add_lora, base_weights, lora_state, reset_lora  # noqa: E402
-from components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir  # noqa: E402
-from components.training.trainer import evaluate, set_threads, train_lora  # noqa: E402
+from flare_lora.components.algorithms.merge import merge_rounds_into  # noqa: E402
+from flare_lora.components.algorithms.stacking import stack_lora  # noqa: E402
+from flare_lora.components.data.split import dirichlet_split  # noqa: E402
+from flare_lora.components.data.synthetic import default_site_data  # noqa: E402
+from flare_lora.components.training.config import SiteConfig  # noqa: E402
+from flare_lora.components.training.lora import add_lora, base_weights, lora_state, reset_lora  # noqa: E402
+from flare_lora.components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir  # noqa: E402
+from flare_lora.components.training.trainer import evaluate, set_threads, train_lora  # noqa: E402
 
 PRESETS = {
     "quick": dict(total_steps=4, batch=2, lr=1e-3, lr_grid=(1e-3, 3e-3), n_train=8, n_test=12, n_val=8,

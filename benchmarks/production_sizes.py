@@ -24,9 +24,9 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX
-from components.flare.controller import wire_bytes
-from components.methods import pack_rounds
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX
+from flare_lora.components.flare.controller import wire_bytes
+from flare_lora.components.methods import pack_rounds
 
 MODELS = {  # name: (layers, hidden, intermediate, vocab, total params)
     "Llama-2-7B": (32, 4096, 11008, 32000, 6.74e9),

@@ -2,7 +2,7 @@
 
 No FLARE: every simulated site is a real model with its own LoRA, driven through the same code a
 FLARE job runs (``SiteConfig``, ``add_lora``, ``train_lora``, ``evaluate`` and the method strategy
-objects of ``components.methods``: server ``aggregate``/``payload``, client ``install``). FLoRA
+objects of ``flare_lora.components.methods``: server ``aggregate``/``payload``, client ``install``). FLoRA
 sites really merge every stacked round into their own base weights; the benchmark asserts that the
 sites end with identical base weights (``weights_digest``) and that the merged change equals
 ``FLoRA.final`` (the concatenation of all stacked rounds).
@@ -63,17 +63,17 @@ from pathlib import Path
 
 import torch
 
-import components.training.trainer as trainer_module
-from components.algorithms.merge import lora_delta, weights_digest
-from components.data.prompts import encode, normalize_answer
-from components.data.split import dirichlet_split
-from components.data.synthetic import default_site_data
-from components.methods import SiteUpdate, check_update, get_method
-from components.training.config import SiteConfig
-from components.training.lora import add_lora, base_weights, lora_state
-from components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir
-from components.training.trainer import evaluate, set_threads, train_lora
-from privacy.dp_sgd import DPSGD
+import flare_lora.components.training.trainer as trainer_module
+from flare_lora.components.algorithms.merge import lora_delta, weights_digest
+from flare_lora.components.data.prompts import encode, normalize_answer
+from flare_lora.components.data.split import dirichlet_split
+from flare_lora.components.data.synthetic import default_site_data
+from flare_lora.components.methods import SiteUpdate, check_update, get_method
+from flare_lora.components.training.config import SiteConfig
+from flare_lora.components.training.lora import add_lora, base_weights, lora_state
+from flare_lora.components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir
+from flare_lora.components.training.trainer import evaluate, set_threads, train_lora
+from flare_lora.privacy.dp_sgd import DPSGD
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FLARE_LORA_SHARED", ROOT.parent / "shared" / "data"))
@@ -502,7 +502,7 @@ def main(argv=None) -> int:
         if not (Path(model_dir) / "config.json").is_file():
             make_tiny_llama(model_dir, TOKENIZER_DIR)
         model_name = "tiny random Llama (hidden 64, 2 layers)"
-        task = "embedded default tasks (components.data.synthetic)"
+        task = "embedded default tasks (flare_lora.components.data.synthetic)"
     else:
         model_dir = resolve_model_dir(None)
         model_name = "SmolLM2-135M-Instruct (fp32, dequantized Q4_1 GGUF)"

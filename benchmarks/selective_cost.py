@@ -80,11 +80,11 @@ class PeakSampler:
 def measure(spec: dict) -> dict:
     import torch
 
-    from components.data.prompts import IGNORE_INDEX
-    from components.training.config import SiteConfig
-    from components.training.lora import add_lora, set_trainable_layers
-    from components.training.models import load_model_and_tokenizer
-    from components.training.trainer import _loss_sum, set_threads
+    from flare_lora.components.data.prompts import IGNORE_INDEX
+    from flare_lora.components.training.config import SiteConfig
+    from flare_lora.components.training.lora import add_lora, set_trainable_layers
+    from flare_lora.components.training.models import load_model_and_tokenizer
+    from flare_lora.components.training.trainer import _loss_sum, set_threads
 
     set_threads(spec["threads"])
     model, _ = load_model_and_tokenizer(spec["model_dir"])
@@ -202,14 +202,14 @@ def main(argv=None) -> int:
     if args.model:
         model_dir = args.model
     elif args.quick:
-        from components.training.models import make_tiny_llama
+        from flare_lora.components.training.models import make_tiny_llama
 
         model_dir = "/tmp/flare_lora_cost_tiny8"
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             shared = ROOT.parent / "shared" / "data" / "smollm2-135m-instruct-q4_1"
             make_tiny_llama(model_dir, shared, hidden=128, layers=8)
     else:
-        from components.training.models import resolve_model_dir
+        from flare_lora.components.training.models import resolve_model_dir
 
         model_dir = resolve_model_dir(None)
     with open(os.path.join(model_dir, "config.json")) as f:

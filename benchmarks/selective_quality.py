@@ -4,7 +4,7 @@
     python benchmarks/selective_quality.py --mode quick     # tiny random Llama, embedded tasks, ~1 min
 
 In-process, no FLARE, but the project's code paths for everything a FLARE job runs: each site is
-a :class:`components.flare.client_train.SelectiveSite` (score -> train the assigned layers ->
+a :class:`flare_lora.components.flare.client_train.SelectiveSite` (score -> train the assigned layers ->
 upload them -> restore the global layers), the server half is ``choose_layers`` (the solver or a
 baseline), ``validate_layer_update`` and ``average_layers``. Full mode ("--layer-mode full"):
 sites train their layers' full weights. All sites hold the global model between tasks (the
@@ -44,21 +44,21 @@ from pathlib import Path
 
 import torch
 
-from components.algorithms.layer_average import average_layers, layer_of, validate_layer_update
-from components.algorithms.layer_selection import (
+from flare_lora.components.algorithms.layer_average import average_layers, layer_of, validate_layer_update
+from flare_lora.components.algorithms.layer_selection import (
     SCORED,
     choose_layers,
     inconsistency,
     normalize_scores,
 )
-from components.data.prompts import encode
-from components.data.split import dirichlet_split
-from components.data.synthetic import default_site_data
-from components.flare.client_train import SelectiveSite
-from components.training.config import SiteConfig
-from components.training.lora import add_lora, reset_lora
-from components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir
-from components.training.trainer import evaluate, set_threads
+from flare_lora.components.data.prompts import encode
+from flare_lora.components.data.split import dirichlet_split
+from flare_lora.components.data.synthetic import default_site_data
+from flare_lora.components.flare.client_train import SelectiveSite
+from flare_lora.components.training.config import SiteConfig
+from flare_lora.components.training.lora import add_lora, reset_lora
+from flare_lora.components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir
+from flare_lora.components.training.trainer import evaluate, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FLARE_LORA_SHARED", ROOT.parent / "shared" / "data"))

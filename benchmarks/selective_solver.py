@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from components.algorithms.layer_selection import (
+from flare_lora.components.algorithms.layer_selection import (
     inconsistency,
     normalize_scores,
     objective,

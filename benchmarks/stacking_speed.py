@@ -29,8 +29,8 @@ from collections.abc import Callable
 import torch
 from safetensors.torch import save as safetensors_save
 
-from components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX
-from components.algorithms.stacking import stack_lora
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX
+from flare_lora.components.algorithms.stacking import stack_lora
 
 RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
 
@@ -63,7 +63,7 @@ def flarewire_bytes(state: dict[str, torch.Tensor]) -> int:
     from nvflare.app_opt.pt.decomposers import TensorDecomposer
     from nvflare.fuel.utils import fobs
 
-    from components.flare.controller import wire_bytes
+    from flare_lora.components.flare.controller import wire_bytes
 
     fobs.register(TensorDecomposer)
     meta = {"num_examples": 1000, "rank": 16, "alpha": 32.0, "merged_rounds": 3, "base_digest": "0" * 64}

@@ -14,8 +14,8 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import Tensor
 
-from components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
-from components.algorithms.merge import BASE_PREFIX
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
+from flare_lora.components.algorithms.merge import BASE_PREFIX
 
 
 def save_adapter(out_dir: str, state: Mapping[str, Tensor], scaling: float, base_model: str = "") -> str:

@@ -17,18 +17,18 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from components.algorithms.averaging import fedit, zero_pad
-from components.algorithms.consensus_divergence import DEFAULT_TEMPERATURE, check_options, fedcdd_aggregate
-from components.algorithms.lora_state import (
+from flare_lora.components.algorithms.averaging import fedit, zero_pad
+from flare_lora.components.algorithms.consensus_divergence import DEFAULT_TEMPERATURE, check_options, fedcdd_aggregate
+from flare_lora.components.algorithms.lora_state import (
     LORA_A_SUFFIX,
     InvalidUpdate,
     lora_module_shapes,
     validate_lora_update,
 )
-from components.algorithms.merge import merge_rounds_into
-from components.algorithms.one_shot import OnlineAverage
-from components.algorithms.stacking import concat_lora, stack_lora
-from components.training.lora import base_weights, load_full_state, load_lora_state, reset_lora
+from flare_lora.components.algorithms.merge import merge_rounds_into
+from flare_lora.components.algorithms.one_shot import OnlineAverage
+from flare_lora.components.algorithms.stacking import concat_lora, stack_lora
+from flare_lora.components.training.lora import base_weights, load_full_state, load_lora_state, reset_lora
 
 METHODS = ("flora", "fedit", "zero_pad", "fedcdd")  # LoRA methods of the multi-round job
 ONE_SHOT_METHODS = ("flora", "fedit", "full")  # how the one-shot job folds arrivals
@@ -185,7 +185,7 @@ class ZeroPad(_Averaging):
 
 
 class FedCDD(_Averaging):
-    """Consensus-divergence decoupled aggregation (components.algorithms.consensus_divergence).
+    """Consensus-divergence decoupled aggregation (flare_lora.components.algorithms.consensus_divergence).
 
     Server: per LoRA matrix, consensus column magnitudes (weighted mean of the sites' column
     norms) times divergence directions (unit columns combined with duplicate-robust similarity

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from privacy.ledger import epsilon
+from flare_lora.privacy.ledger import epsilon
 
 
 def check_client_dp(clip, sigma, delta, epsilon_max=None) -> None:

@@ -8,11 +8,10 @@ set the same keys at every site. Client-level DP is a filter the job adds at eve
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
 from dataclasses import replace
 
-from components.training.config import ConfigError, SiteConfig
+from flare_lora.components.training.config import ConfigError, SiteConfig
 
 # --dp-<flag> -> SiteConfig key
 SITE_FLAGS = {
@@ -25,7 +24,6 @@ SITE_FLAGS = {
     "clipping": "dp_clipping",
 }
 CLIENT_FLAGS = ("clip", "sigma", "delta", "epsilon_max")
-PRIVACY_DIR = os.path.dirname(os.path.abspath(__file__))  # shipped whole into custom/ with the filter
 
 
 def add_dp_args(p: argparse.ArgumentParser) -> None:

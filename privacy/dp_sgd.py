@@ -7,7 +7,7 @@ gradient to ``dp_max_grad_norm`` C and adds N(0, σ²C²) to the sum (Opacus' ``
 the optimizer then divides by the expected batch qN. Micro-batches of at most batch_size records
 accumulate clipped sums; the noise is added once per step.
 
-Accounting: every round is charged to the site's :class:`~privacy.ledger.PrivacyLedger` *before*
+Accounting: every round is charged to the site's :class:`~flare_lora.privacy.ledger.PrivacyLedger` *before*
 it trains (σ, q, steps); ε is Opacus' RDP or PRV accountant over the whole ledger, so it
 accumulates across rounds, jobs and restarts. σ comes from ``dp_noise_multiplier`` or from the
 target ``dp_epsilon`` over ``dp_planned_steps`` (Opacus' ``get_noise_multiplier``). A round that
@@ -38,8 +38,8 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from components.training.config import ConfigError, SiteConfig
-from privacy.ledger import PrivacyLedger, ledger_path, site_root
+from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.privacy.ledger import PrivacyLedger, ledger_path, site_root
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_MAX_GRAD_NORM = 1.0

@@ -6,7 +6,7 @@ on ciphertexts with public weights and never holds a secret key. A weighted mean
 range) times the public factor 1/Σ m_k, which travels with the aggregate and is applied by the
 site after decryption (``EncryptedUpdate.factors``). Stacking is concatenation: each site's block
 is kept, and its A group carries the public factor p_k·s_k. Decrypting at a site gives what
-``components.algorithms`` computes in the clear (tests/test_he.py: within 1e-4 relative).
+``flare_lora.components.algorithms`` computes in the clear (tests/test_he.py: within 1e-4 relative).
 
 FedCDD has no encrypted form: its consensus/divergence weights need norms, similarities and an SVD
 of the updates, which CKKS cannot compute without the key.
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from components.algorithms.layer_average import layer_of
-from components.algorithms.lora_state import InvalidUpdate, normalize_weights
-from components.algorithms.stacking import concat_lora
-from privacy.he_packing import EncryptedUpdate, trim_lora
+from flare_lora.components.algorithms.layer_average import layer_of
+from flare_lora.components.algorithms.lora_state import InvalidUpdate, normalize_weights
+from flare_lora.components.algorithms.stacking import concat_lora
+from flare_lora.privacy.he_packing import EncryptedUpdate, trim_lora
 
 # method -> (global kind, zero-pad to the round's largest rank)
 HE_METHODS = {"flora": ("stack", False), "fedit": ("sum", False), "zero_pad": ("sum", True)}
@@ -142,7 +142,7 @@ def layer_average(ckks, updates, weights) -> EncryptedUpdate:
     return weighted_sum(ckks, updates, weights)
 
 
-# --- one-shot: fold arrivals (same add/result shape as components.algorithms.one_shot) ---------
+# --- one-shot: fold arrivals (same add/result shape as flare_lora.components.algorithms.one_shot) ---------
 
 
 def _check_weight(weight) -> float:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from components.algorithms.layer_average import layer_of
-from components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, InvalidUpdate
+from flare_lora.components.algorithms.layer_average import layer_of
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, InvalidUpdate
 
 HE_KEY = "__flare_lora_he__"  # the single params key of an encrypted FLModel
 GROUPINGS = ("lora", "layer", "all")

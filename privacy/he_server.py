@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import msgpack
 from torch import Tensor
 
-from components.algorithms.lora_state import LORA_A_SUFFIX, InvalidUpdate, validate_lora_update
-from privacy.he_aggregate import (
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, InvalidUpdate, validate_lora_update
+from flare_lora.privacy.he_aggregate import (
     HE_METHODS,
     VALUE_BOUND,
     EncryptedGlobal,
@@ -32,8 +32,8 @@ from privacy.he_aggregate import (
     state_payload,
     zero_pad,
 )
-from privacy.he_context import Ckks, HEContextError, load_context
-from privacy.he_packing import HE_KEY, EncryptedUpdate, group_of, trim_lora
+from flare_lora.privacy.he_context import Ckks, HEContextError, load_context
+from flare_lora.privacy.he_packing import HE_KEY, EncryptedUpdate, group_of, trim_lora
 
 PERSIST_DIRNAME = "he_global"  # under the server's results: the global model, as ciphertexts
 

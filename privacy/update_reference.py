@@ -63,7 +63,7 @@ def keep_reference(state: dict[str, Tensor], site: str, job_id: str | None = Non
     One file per site, rewritten each round: the filter reads it before the server can send the
     next task, and the digest would catch any mix-up.
     """
-    from privacy.ledger import site_root
+    from flare_lora.privacy.ledger import site_root
 
     root = site_root()
     directory = os.path.join(root, job_id or "job", "flare_lora_reference") if root else None

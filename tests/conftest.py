@@ -1,5 +1,6 @@
 """Shared fixtures: an offline, single-threaded environment and a tiny random Llama."""
 
+import filecmp
 import os
 from pathlib import Path
 
@@ -9,7 +10,30 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from components.training.models import make_tiny_llama  # noqa: E402
+import flare_lora.components  # noqa: E402
+from flare_lora.components.training.models import make_tiny_llama  # noqa: E402
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _stale_installed_files() -> list[str]:
+    """Checkout files the installed flare_lora lacks or holds in another version (pyproject.toml:
+    the package is installed as a wheel, so an edit needs `pip install .` before the tests)."""
+    installed = Path(flare_lora.components.__file__).resolve().parents[1]
+    stale = []
+    for folder in ("components", "privacy"):
+        for src in (CHECKOUT / folder).rglob("*.py"):
+            dst = installed / folder / src.relative_to(CHECKOUT / folder)
+            if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
+                stale.append(str(src.relative_to(CHECKOUT)))
+    return stale
+
+
+def pytest_configure(config):
+    stale = _stale_installed_files()
+    if stale:
+        pytest.exit(f"the installed flare_lora is not this checkout ({len(stale)} file(s) differ, e.g. "
+                    f"{stale[0]}): run `pip install .` first", returncode=4)
 
 torch.set_num_threads(1)  # CI workers share a few cores
 

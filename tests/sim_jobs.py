@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
-from components.report import load_metrics
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
+from flare_lora.components.report import load_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FLORA_JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from components.algorithms.averaging import fedit, zero_pad
-from components.algorithms.lora_state import (
+from flare_lora.components.algorithms.averaging import fedit, zero_pad
+from flare_lora.components.algorithms.lora_state import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     InvalidUpdate,
@@ -16,14 +16,14 @@ from components.algorithms.lora_state import (
     module_prefixes,
     validate_lora_update,
 )
-from components.algorithms.merge import (
+from flare_lora.components.algorithms.merge import (
     base_weight_name,
     lora_delta,
     merge_lora_into,
     merge_rounds_into,
     weights_digest,
 )
-from components.algorithms.stacking import concat_lora, stack_lora
+from flare_lora.components.algorithms.stacking import concat_lora, stack_lora
 
 A, B = LORA_A_SUFFIX, LORA_B_SUFFIX
 P = "base_model.model.model.layers.{}.self_attn.q_proj"

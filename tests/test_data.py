@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from components.data.prompts import collate, encode, exact_match, format_prompt, normalize_answer
-from components.data.records import DataError, has_reference, load_jsonl, write_jsonl
-from components.data.site_data import load_site_data
-from components.data.split import dirichlet_split, split_by_field
-from components.data.synthetic import DEFAULT_TASKS, default_site_data
+from flare_lora.components.data.prompts import collate, encode, exact_match, format_prompt, normalize_answer
+from flare_lora.components.data.records import DataError, has_reference, load_jsonl, write_jsonl
+from flare_lora.components.data.site_data import load_site_data
+from flare_lora.components.data.split import dirichlet_split, split_by_field
+from flare_lora.components.data.synthetic import DEFAULT_TASKS, default_site_data
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO.parent / "shared" / "data" / "smollm2-135m-instruct-q4_1"
@@ -184,7 +184,7 @@ def test_split_by_field_round_robin():
 
 
 def _run_split(*args):
-    return subprocess.run([sys.executable, "-m", "components.data.split", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "flare_lora.components.data.split", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from components.report import load_metrics
+from flare_lora.components.report import load_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"

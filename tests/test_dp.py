@@ -14,16 +14,16 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from components.data.prompts import collate, encode
-from components.methods import get_method
-from components.training.config import ConfigError, SiteConfig
-from components.training.lora import add_lora, layer_state, lora_state, reset_lora
-from components.training.models import load_model_and_tokenizer
-from components.training.trainer import _sample_losses, train_lora
-from privacy.client_dp import clip_update, client_epsilon, privatize, update_norm
-from privacy.dp_sgd import DPSGD, DPUnsupported, PrivacyBudgetExceeded, admin_budget
-from privacy.ledger import PrivacyLedger, site_root
-from privacy.update_reference import META_KEY, load_reference, save_reference
+from flare_lora.components.data.prompts import collate, encode
+from flare_lora.components.methods import get_method
+from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.components.training.lora import add_lora, layer_state, lora_state, reset_lora
+from flare_lora.components.training.models import load_model_and_tokenizer
+from flare_lora.components.training.trainer import _sample_losses, train_lora
+from flare_lora.privacy.client_dp import clip_update, client_epsilon, privatize, update_norm
+from flare_lora.privacy.dp_sgd import DPSGD, DPUnsupported, PrivacyBudgetExceeded, admin_budget
+from flare_lora.privacy.ledger import PrivacyLedger, site_root
+from flare_lora.privacy.update_reference import META_KEY, load_reference, save_reference
 
 RECORDS = [
     {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
@@ -269,7 +269,7 @@ def filter_call(flt, data, meta, rnd, kind=None):
 def test_flare_filter_privatizes_the_change_accounts_rounds_and_fails_closed(tmp_path):
     from nvflare.apis.dxo import DataKind, MetaKey
 
-    from privacy.client_dp_filter import ClientDPFilter
+    from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
 
     reference, change = state(0), state(1, scale=0.01)
     result = {k: reference[k] + change[k] for k in reference}
@@ -313,7 +313,7 @@ def test_flare_filter_privatizes_the_change_accounts_rounds_and_fails_closed(tmp
     (dict(clip=1.0, sigma=1.0, epsilon_max=0), "epsilon_max"), (dict(clip=float("inf"), sigma=1.0), "clip"),
 ])
 def test_client_filter_bad_options_name_the_key(kwargs, key):
-    from privacy.client_dp_filter import ClientDPFilter
+    from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
 
     with pytest.raises(ValueError, match=f"client DP {key}"):
         ClientDPFilter(**kwargs)
@@ -352,7 +352,7 @@ def test_update_reference_is_the_installed_start_for_each_method(tiny_model_dir,
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_selective_site_reference_and_dp(tiny_model_dir, mode):
-    from components.flare.client_train import SelectiveSite
+    from flare_lora.components.flare.client_train import SelectiveSite
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     cfg = SiteConfig(rank=4, alpha=8.0, local_steps=2, batch_size=2, max_length=32, lr=1e-2)
@@ -382,8 +382,8 @@ def test_selective_site_reference_and_dp(tiny_model_dir, mode):
 
 
 def test_recipes_plan_steps_add_the_filter_and_refuse_score_selection_with_dp(tmp_path, tiny_model_dir):
-    from components.flare.recipe import LoraRecipe
-    from components.flare.selective_recipe import SelectiveRecipe
+    from flare_lora.components.flare.recipe import LoraRecipe
+    from flare_lora.components.flare.selective_recipe import SelectiveRecipe
 
     sites = {f"site-{k}": {"rank": 2, "local_steps": 3, "dp_epsilon": 8.0} for k in (1, 2)}
     recipe = LoraRecipe(sites=sites, num_rounds=4, model=tiny_model_dir, client_dp={"clip": 0.1, "sigma": 1.0})
@@ -394,11 +394,11 @@ def test_recipes_plan_steps_add_the_filter_and_refuse_score_selection_with_dp(tm
         (entry,) = config["task_result_filters"]
         assert entry["tasks"] == ["train"]
         (flt,) = entry["filters"]
-        assert flt["path"] == "privacy.client_dp_filter.ClientDPFilter"
+        assert flt["path"] == "flare_lora.privacy.flare.client_dp_filter.ClientDPFilter"
         assert flt["args"]["clip"] == 0.1 and flt["args"]["sigma"] == 1.0
         assert "dp_planned_steps=12" in json.dumps(config["executors"])
     for app in (tmp_path / "job").rglob("app_site-*"):  # the whole package ships, not a partial copy
-        assert (app / "custom" / "privacy" / "dp_sgd.py").is_file()
+        assert (app / "custom" / "flare_lora" / "privacy" / "dp_sgd.py").is_file()
     with pytest.raises(ValueError, match="client DP sigma"):
         LoraRecipe(sites=sites, model=tiny_model_dir, client_dp={"clip": 0.1, "sigma": 0})
     with pytest.raises(ConfigError, match="site 'site-1'.*selection 'selective' needs them"):
@@ -409,7 +409,7 @@ def test_recipes_plan_steps_add_the_filter_and_refuse_score_selection_with_dp(tm
 def test_job_flags_map_to_site_keys_and_filter_options():
     import argparse
 
-    from privacy.dp_config import add_dp_args, client_dp_options, dp_site_settings
+    from flare_lora.privacy.dp_config import add_dp_args, client_dp_options, dp_site_settings
 
     p = argparse.ArgumentParser()
     add_dp_args(p)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from components.report import load_metrics
-from privacy.client_dp import client_epsilon
+from flare_lora.components.report import load_metrics
+from flare_lora.privacy.client_dp import client_epsilon
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"
@@ -54,12 +54,12 @@ def test_sim_job_with_dp_flags_reports_epsilon_every_round(tmp_path, tiny_model_
 def test_poc_site_scope_enforces_client_dp(tmp_path, tiny_model_dir):
     """site-2's admin adds the DP filter in privacy.json; site-1's scope has a budget too small for one
     release, so its filter refuses and its update never leaves the site. The job asks for neither."""
-    from components.flare.poc import poc_log_paths, poc_prod_dir, run_job_in_poc
-    from components.flare.recipe import LoraRecipe
+    from flare_lora.components.flare.poc import poc_log_paths, poc_prod_dir, run_job_in_poc
+    from flare_lora.components.flare.recipe import LoraRecipe
 
     def scope(**args):
         return {"scopes": [{"name": "dp", "task_result_filters": [
-            {"path": "privacy.client_dp_filter.ClientDPFilter", "args": {"clip": 0.05, "sigma": 1.0, **args}}]}],
+            {"path": "flare_lora.privacy.flare.client_dp_filter.ClientDPFilter", "args": {"clip": 0.05, "sigma": 1.0, **args}}]}],
             "default_scope": "dp"}
 
     one_release = client_epsilon(1.0, 1, 1e-5)

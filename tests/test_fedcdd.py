@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.algorithms.averaging import fedit
-from components.algorithms.consensus_divergence import (
+from flare_lora.components.algorithms.averaging import fedit
+from flare_lora.components.algorithms.consensus_divergence import (
     aggregate_matrix,
     compose,
     decompose,
@@ -18,8 +18,8 @@ from components.algorithms.consensus_divergence import (
     direction_weights,
     fedcdd_aggregate,
 )
-from components.algorithms.noise_mask import keep_mask, mask_seed, mask_update
-from components.methods import SiteUpdate, get_method
+from flare_lora.components.algorithms.noise_mask import keep_mask, mask_seed, mask_update
+from flare_lora.components.methods import SiteUpdate, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 A_KEY, B_KEY = "m.lora_A.weight", "m.lora_B.weight"
@@ -161,9 +161,9 @@ def test_bad_options_name_the_key():
 
 
 def test_strategy_variants_and_install(tiny_model_dir):
-    from components.training.config import SiteConfig
-    from components.training.lora import add_lora, lora_state
-    from components.training.models import load_model_and_tokenizer
+    from flare_lora.components.training.config import SiteConfig
+    from flare_lora.components.training.lora import add_lora, lora_state
+    from flare_lora.components.training.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny_model_dir)
     site = add_lora(model, SiteConfig(rank=4, alpha=8.0))
@@ -233,7 +233,7 @@ def test_flare_filter_masks_the_result_dxo():
     from nvflare.apis.fl_context import FLContext
     from nvflare.app_common.app_constant import AppConstants
 
-    from components.flare.noise_mask import NoiseMaskFilter
+    from flare_lora.components.flare.noise_mask import NoiseMaskFilter
 
     s = state(3)
     shareable = DXO(DataKind.WEIGHTS, data={k: v.clone() for k, v in s.items()}).to_shareable()
@@ -251,7 +251,7 @@ def test_flare_filter_masks_the_result_dxo():
 def test_recipe_validates_options_and_adds_the_site_filter(tmp_path):
     import json
 
-    from components.flare.recipe import LoraRecipe
+    from flare_lora.components.flare.recipe import LoraRecipe
 
     sites = {f"site-{k}": {"rank": 4, "alpha": 8.0} for k in (1, 2)}
     with pytest.raises(ValueError, match="mask_rho"):
@@ -268,13 +268,13 @@ def test_recipe_validates_options_and_adds_the_site_filter(tmp_path):
         (entry,) = json.loads(path.read_text())["task_result_filters"]
         assert entry["tasks"] == ["train"]
         (flt,) = entry["filters"]
-        assert flt["path"] == "components.flare.noise_mask.NoiseMaskFilter"
+        assert flt["path"] == "flare_lora.components.flare.noise_mask.NoiseMaskFilter"
         assert flt["args"] == {"rho": 0.5, "sigma": 0.01, "mode": "perturb", "seed": 3}
     assert not any("NoiseMaskFilter" in p.read_text() for p in (tmp_path / "job").rglob("config_fed_server.json"))
     # the site gets the whole package, not a partial copy that would shadow the installed one
     for app in (tmp_path / "job").rglob("app_site-*"):
-        assert (app / "custom" / "components" / "__init__.py").is_file()
-        assert (app / "custom" / "components" / "algorithms" / "merge.py").is_file()
+        assert (app / "custom" / "flare_lora" / "components" / "__init__.py").is_file()
+        assert (app / "custom" / "flare_lora" / "components" / "algorithms" / "merge.py").is_file()
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_fedcdd_job_with_options_and_noise_mask_end_to_end(tmp_path, tiny_model_
     (consensus variant, delta target, mixed ranks), and the noise-mask filter on every site."""
     from safetensors.torch import load_file
 
-    from components.report import load_metrics
+    from flare_lora.components.report import load_metrics
 
     results = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "nvflare_jobs" / "fedcdd" / "job.py"), "--method", "fedcdd"]

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
-from components.flare import site_policy
-from components.flare.poc import isolated_poc, workspace_processes
-from components.report import load_metrics
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
+from flare_lora.components.flare import site_policy
+from flare_lora.components.flare.poc import isolated_poc, workspace_processes
+from flare_lora.components.report import load_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"
@@ -150,7 +150,7 @@ def test_site_allow_list_entries_for_a_non_byoc_run(tmp_path, exported_job):
 
     nvflare enforces ``class_allow_list`` (site ``local/resources.json``) only for jobs without
     custom code; the default list (nvflare's DEFAULT_CLASS_ALLOW_LIST) contains neither our
-    controller nor our client executor (components.flare.restarting_executor).
+    controller nor our client executor (flare_lora.components.flare.restarting_executor).
     """
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
     from nvflare.private.fed.app.default_app_validator import DefaultAppValidator
@@ -173,7 +173,7 @@ def test_site_allow_list_entries_for_a_non_byoc_run(tmp_path, exported_job):
     default = list(DEFAULT_CLASS_ALLOW_LIST)
     assert not allowed(controller, default) and not allowed(executor, default)
     assert allowed(controller, default + [SERVER_ALLOW]) and allowed(executor, default + [CLIENT_ALLOW])
-    assert allowed(controller, default + ["components.flare."])  # package prefixes end with "."
+    assert allowed(controller, default + ["flare_lora.components.flare."])  # package prefixes end with "."
     assert not allowed(controller, default + ["components"])  # an invalid entry rejects every class
     assert not allowed(executor, default + [SERVER_ALLOW])  # the server entry does not cover clients
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sim_jobs import final_digests, run_job, stacked_ranks
 
-from components.report import per_round
+from flare_lora.components.report import per_round
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +64,7 @@ def split_ag_news(out_dir):
     """Per-site JSONL files from the real AG News CSV via the project's split tool (label skew)."""
     from conftest import SHARED_DATA
 
-    cmd = [sys.executable, "-m", "components.data.split", str(SHARED_DATA / "ag_news_test" / "test.csv")]
+    cmd = [sys.executable, "-m", "flare_lora.components.data.split", str(SHARED_DATA / "ag_news_test" / "test.csv")]
     cmd += ["--instruction", "Classify the topic of this news article: {title}. {description}"]
     cmd += ["--output-field", "label", "--output-map", "1=World,2=Sports,3=Business,4=Sci/Tech"]
     cmd += ["--dirichlet", "0.5", "--label-field", "label", "--sites", "3", "--max-per-site", "20", "--out", str(out_dir)]
@@ -85,8 +85,8 @@ def test_zero_pad_runs_through_the_same_job(tmp_path, tiny_model_dir):
 
 def test_config_errors_name_site_and_key(tmp_path, tiny_model_dir):
     """Validation happens when the recipe is built, before any FLARE process starts."""
-    from components.flare.recipe import LoraRecipe
-    from components.training.config import ConfigError
+    from flare_lora.components.flare.recipe import LoraRecipe
+    from flare_lora.components.training.config import ConfigError
 
     def build(**kwargs):
         sites = kwargs.pop("sites", {"site-1": {"rank": 2}, "site-2": {"rank": 4}})

@@ -5,21 +5,21 @@ import math
 import pytest
 import torch
 
-from components.algorithms.layer_average import average_layers
-from components.algorithms.lora_state import InvalidUpdate
-from components.algorithms.one_shot import OnlineAverage, OnlineStack
-from components.methods import SiteUpdate, check_update, get_method, unpack_rounds
-from privacy.client_dp import privatize
-from privacy.he_aggregate import (
+from flare_lora.components.algorithms.layer_average import average_layers
+from flare_lora.components.algorithms.lora_state import InvalidUpdate
+from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
+from flare_lora.components.methods import SiteUpdate, check_update, get_method, unpack_rounds
+from flare_lora.privacy.client_dp import privatize
+from flare_lora.privacy.he_aggregate import (
     EncryptedGlobal,
     EncryptedOnlineAverage,
     EncryptedOnlineStack,
     check_he_method,
     decrypt_payload,
 )
-from privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, Ckks, HEContextError, load_context, provision_sim_contexts
-from privacy.he_packing import HE_KEY, EncryptedUpdate, encrypt_state
-from privacy.he_server import LayerHE, LoraHE, load_wire, open_server_context
+from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, Ckks, HEContextError, load_context, provision_sim_contexts
+from flare_lora.privacy.he_packing import HE_KEY, EncryptedUpdate, encrypt_state
+from flare_lora.privacy.he_server import LayerHE, LoraHE, load_wire, open_server_context
 
 PREFIX = "base_model.model.model.layers.{}.self_attn.{}"
 
@@ -126,7 +126,7 @@ def test_decrypted_aggregate_equals_plaintext(keys, method, ranks):
 
 
 def test_example_counts_beyond_the_range_budget_are_rounded(keys):
-    from privacy.he_aggregate import VALUE_BOUND, integer_weights
+    from flare_lora.privacy.he_aggregate import VALUE_BOUND, integer_weights
 
     server, site, _ = keys
     budget = int(server.capacity // VALUE_BOUND)
@@ -248,7 +248,7 @@ def test_persisted_global_is_ciphertext(keys, tmp_path):
 
 
 def test_one_shot_server_half_folds_arrivals(keys):
-    from privacy.he_server import OneShotHE
+    from flare_lora.privacy.he_server import OneShotHE
 
     server, site, _ = keys
     states = [lora(2, 0), lora(4, 1)]
@@ -269,7 +269,7 @@ def test_site_filters_fail_closed(keys):
     from nvflare.apis.fl_constant import ReservedKey
     from nvflare.apis.fl_context import FLContext
 
-    from privacy.he_filters import HEDecryptFilter, HEEncryptFilter
+    from flare_lora.privacy.flare.he_filters import HEDecryptFilter, HEEncryptFilter
 
     server, site, folder = keys
     fl_ctx = FLContext()
@@ -296,8 +296,8 @@ def test_site_filters_fail_closed(keys):
 
 
 def test_recipe_refuses_he_it_cannot_honour(tmp_path, tiny_model_dir):
-    from components.flare.recipe import LoraRecipe
-    from components.training.config import ConfigError
+    from flare_lora.components.flare.recipe import LoraRecipe
+    from flare_lora.components.training.config import ConfigError
 
     sites = {"site-1": {"rank": 2}, "site-2": {"rank": 2}}
     with pytest.raises(ConfigError, match="nonlinear"):

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from components.algorithms.layer_average import (
+from flare_lora.components.algorithms.layer_average import (
     average_layers,
     layer_of,
     relative_key,
     split_by_layer,
     validate_layer_update,
 )
-from components.algorithms.layer_selection import (
+from flare_lora.components.algorithms.layer_selection import (
     SelectionError,
     brute_force,
     choose_layers,
@@ -24,7 +24,7 @@ from components.algorithms.layer_selection import (
     select_layers,
     upper_bound,
 )
-from components.algorithms.lora_state import InvalidUpdate
+from flare_lora.components.algorithms.lora_state import InvalidUpdate
 
 
 def scores(n, k, seed, shape=0.5):

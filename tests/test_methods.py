@@ -7,15 +7,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from components.adapter_export import save_adapter
-from components.algorithms.lora_state import InvalidUpdate
-from components.algorithms.merge import weights_digest
-from components.flare.site_args import from_args, to_args
-from components.methods import SiteUpdate, check_update, get_method, pack_rounds, unpack_rounds
-from components.report import comm_totals, format_table, per_round
-from components.training.config import SiteConfig
-from components.training.lora import add_lora, base_weights, lora_state
-from components.training.models import load_model_and_tokenizer
+from flare_lora.components.adapter_export import save_adapter
+from flare_lora.components.algorithms.lora_state import InvalidUpdate
+from flare_lora.components.algorithms.merge import weights_digest
+from flare_lora.components.flare.site_args import from_args, to_args
+from flare_lora.components.methods import SiteUpdate, check_update, get_method, pack_rounds, unpack_rounds
+from flare_lora.components.report import comm_totals, format_table, per_round
+from flare_lora.components.training.config import SiteConfig
+from flare_lora.components.training.lora import add_lora, base_weights, lora_state
+from flare_lora.components.training.models import load_model_and_tokenizer
 
 
 def site_model(model_dir, rank, seed=0):

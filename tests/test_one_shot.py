@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, InvalidUpdate, module_prefixes
-from components.algorithms.one_shot import OnlineAverage, OnlineStack
-from components.report import load_metrics
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, InvalidUpdate, module_prefixes
+from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
+from flare_lora.components.report import load_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "one_shot" / "job.py"
@@ -134,8 +134,8 @@ def test_a_bad_lora_update_is_rejected_and_leaves_the_stack_untouched():
     ],
 )
 def test_recipe_config_errors_before_the_job_starts(kwargs, match, tiny_model_dir):
-    from components.flare.one_shot_recipe import OneShotRecipe
-    from components.training.config import ConfigError
+    from flare_lora.components.flare.one_shot_recipe import OneShotRecipe
+    from flare_lora.components.training.config import ConfigError
 
     sites = {f"site-{k}": {"rank": 2, "alpha": 4} for k in (1, 2, 3)}
     with pytest.raises(ConfigError, match=match):
@@ -191,8 +191,8 @@ def test_poc_one_shot_completes_without_a_site_killed_mid_training(tmp_path, tin
     the deadline the job finishes with site-1 and site-2 and the log names site-3 as missing."""
     from safetensors.torch import load_file
 
-    from components.flare.one_shot_recipe import OneShotRecipe
-    from components.flare.poc import isolated_poc, workspace_processes
+    from flare_lora.components.flare.one_shot_recipe import OneShotRecipe
+    from flare_lora.components.flare.poc import isolated_poc, workspace_processes
 
     common = {"threads": 1, "batch_size": 2, "local_steps": 2, "lr": 1e-4}
     sites = {"site-1": dict(common), "site-2": dict(common), "site-3": dict(common, local_steps=100000)}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.flare.poc import (
+from flare_lora.components.flare.poc import (
     NVFLARE_DEFAULT_POC_WORKSPACE,
     IsolatedPocEnv,
     build_project_config,
@@ -51,7 +51,7 @@ CLIENT_SCRIPT = textwrap.dedent(
 
     flare.init()
     site = flare.get_site_name()
-    import components  # the project package must be importable inside POC job processes
+    import flare_lora.components as components  # the project package must be importable inside POC job processes
 
     info = {
         "site": site,
@@ -211,7 +211,7 @@ def test_trivial_numpy_job_in_isolated_poc(tmp_path):
 @pytest.mark.e2e
 def test_pids_kill_site_and_cleanup(tmp_path):
     """pids() finds each participant's processes; kill_site keeps a site down; stop leaves nothing."""
-    from components.flare.poc import isolated_poc
+    from flare_lora.components.flare.poc import isolated_poc
 
     workspace = tmp_path / "poc"
     with isolated_poc(["site-1", "site-2"], workspace, home=tmp_path / "home") as env:

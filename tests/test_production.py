@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.flare.checkpoint import CheckpointError, RoundCheckpoint, round_file
-from components.flare.job_cli import add_production_args, production_recipe_kwargs
-from components.flare.provision import render_project
-from components.flare.recipe import LoraRecipe
-from components.flare.site_policy import (
+from flare_lora.components.flare.checkpoint import CheckpointError, RoundCheckpoint, round_file
+from flare_lora.components.flare.job_cli import add_production_args, production_recipe_kwargs
+from flare_lora.components.flare.provision import render_project
+from flare_lora.components.flare.recipe import LoraRecipe
+from flare_lora.components.flare.site_policy import (
     CLIENT_ALLOW,
     HE_ALLOW,
     NOISE_MASK_ALLOW,
@@ -31,8 +31,8 @@ from components.flare.site_policy import (
     allow_list_entries,
     deny_byoc,
 )
-from components.methods import get_method, unpack_rounds
-from components.training.config import ConfigError
+from flare_lora.components.methods import get_method, unpack_rounds
+from flare_lora.components.training.config import ConfigError
 
 IDENTITY = {"method": "flora", "method_options": None, "site_configs": {"site-1": {"rank": 2, "alpha": 4.0}},
             "base_model": "/models/base"}
@@ -143,7 +143,7 @@ def test_job_without_code_passes_the_allow_list_with_exactly_our_entries(tmp_pat
         assert err == "" and not info.get("byoc"), (app, err, info)
     client = json.loads((job / "app_site-1" / "config" / "config_fed_client.json").read_text())
     assert client["executors"][0]["executor"]["args"]["command"][:4] == [
-        "python3", "-u", "-m", "components.flare.client_train"]
+        "python3", "-u", "-m", "flare_lora.components.flare.client_train"]
 
     def allowed(component: dict, allow_list: list[str]) -> bool:
         return site_allows(component, allow_list, tmp_path / "resources.json")
@@ -175,14 +175,14 @@ def test_trainer_restarts_are_configured_in_the_job_and_validated(tmp_path, tiny
     turns back into the executor a site runs; bad values fail before the job starts."""
     from nvflare.fuel.utils.component_builder import ComponentBuilder
 
-    from components.flare.restarting_executor import RestartingExecutor
+    from flare_lora.components.flare.restarting_executor import RestartingExecutor
 
     sites = {"site-1": {"rank": 2}}
     LoraRecipe(sites=sites, num_rounds=1, model=tiny_model_dir, byoc=False, max_trainer_restarts=0).export(
         str(tmp_path / "export"))
     config = json.loads((tmp_path / "export" / "flora" / "app_site-1" / "config" / "config_fed_client.json").read_text())
     spec = config["executors"][0]["executor"]
-    assert spec["path"] == "components.flare.restarting_executor.RestartingExecutor"
+    assert spec["path"] == "flare_lora.components.flare.restarting_executor.RestartingExecutor"
     assert spec["args"]["max_restarts"] == 0 and spec["args"]["execution_mode"] == "external_process"
     class Builder(ComponentBuilder):  # what a site does with the config (the path is given in full)
         def get_module_scanner(self):
@@ -265,7 +265,7 @@ def test_site_policy_allows_our_classes_and_denies_byoc(tmp_path):
     assert authorizer.authorize(AuthzContext("submit_job", admin, admin))[0]
     assert authorizer.authorize(AuthzContext("submit_job", lead, lead))[0]
 
-    proc = subprocess.run([sys.executable, "-m", "components.flare.site_policy", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "flare_lora.components.flare.site_policy", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "local/resources.json" in proc.stdout
 

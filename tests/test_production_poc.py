@@ -28,13 +28,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from components.flare.checkpoint import RoundCheckpoint
-from components.flare.poc import IsolatedPocEnv, workspace_processes
-from components.flare.provision import render_project
-from components.flare.recipe import LoraRecipe
-from components.flare.site_policy import allow_flare_lora, deny_byoc
-from components.methods import FLoRA
-from components.report import load_metrics
+from flare_lora.components.flare.checkpoint import RoundCheckpoint
+from flare_lora.components.flare.poc import IsolatedPocEnv, workspace_processes
+from flare_lora.components.flare.provision import render_project
+from flare_lora.components.flare.recipe import LoraRecipe
+from flare_lora.components.flare.site_policy import allow_flare_lora, deny_byoc
+from flare_lora.components.methods import FLoRA
+from flare_lora.components.report import load_metrics
 
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
 ADMIN = "admin@coordinator.example.org"

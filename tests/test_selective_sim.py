@@ -8,13 +8,13 @@ import sim_jobs
 import torch
 from conftest import TOKENIZER_DIR
 
-from components.algorithms.layer_average import layer_of
-from components.data.synthetic import default_site_data
-from components.flare.client_train import SelectiveSite, budget_cap
-from components.flare.selective_recipe import SelectiveRecipe
-from components.training.config import ConfigError, SiteConfig
-from components.training.lora import add_lora, layer_state, reset_lora
-from components.training.models import load_model_and_tokenizer, make_tiny_llama
+from flare_lora.components.algorithms.layer_average import layer_of
+from flare_lora.components.data.synthetic import default_site_data
+from flare_lora.components.flare.client_train import SelectiveSite, budget_cap
+from flare_lora.components.flare.selective_recipe import SelectiveRecipe
+from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.components.training.lora import add_lora, layer_state, reset_lora
+from flare_lora.components.training.models import load_model_and_tokenizer, make_tiny_llama
 
 JOB = sim_jobs.ROOT / "nvflare_jobs" / "selective_layer" / "job.py"
 BAD_LAYER_SITE = sim_jobs.SITE_SCRIPTS / "bad_layer_site.py"
@@ -101,7 +101,7 @@ def test_server_vets_scores_and_updates_naming_the_site():
     in the round record with the site's name, and leave no selection behind."""
     from nvflare.app_common.abstract.fl_model import FLModel
 
-    from components.flare.selective_controller import SelectiveController
+    from flare_lora.components.flare.selective_controller import SelectiveController
 
     c = SelectiveController(num_layers=4, site_budgets={"site-2": 3})
     c.site_scores, c.assigned, c.K, c.known_shapes, c.layer_keys, c.he_layers = {}, {}, 4, {}, None, None

@@ -15,12 +15,12 @@ import torch
 from conftest import TOKENIZER_DIR
 from transformers import LlamaForCausalLM
 
-from components.algorithms.merge import merge_lora_into
-from components.data.prompts import collate, encode
-from components.training.config import ConfigError, SiteConfig
-from components.training.lora import add_lora, base_weights, load_lora_state, lora_state, reset_lora
-from components.training.models import load_model_and_tokenizer, resolve_model_dir
-from components.training.trainer import evaluate, set_threads, train_lora
+from flare_lora.components.algorithms.merge import merge_lora_into
+from flare_lora.components.data.prompts import collate, encode
+from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.components.training.lora import add_lora, base_weights, load_lora_state, lora_state, reset_lora
+from flare_lora.components.training.models import load_model_and_tokenizer, resolve_model_dir
+from flare_lora.components.training.trainer import evaluate, set_threads, train_lora
 
 RECORDS = [
     {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
@@ -142,9 +142,9 @@ def test_bf16_base_with_gradient_checkpointing_trains_float32_lora_like_without(
     """The memory switches of docs/production.md: a bfloat16 base (the LoRA factors stay float32)
     with activations recomputed in the backward pass trains exactly as without recomputation, and
     FLoRA merges rounds into the bfloat16 base reproducibly (sites keep identical weights)."""
-    from components.algorithms.merge import weights_digest
-    from components.flare.client_train import load_model
-    from components.methods import FLoRA, pack_rounds
+    from flare_lora.components.algorithms.merge import weights_digest
+    from flare_lora.components.flare.client_train import load_model
+    from flare_lora.components.methods import FLoRA, pack_rounds
 
     cfg = SiteConfig(lr=1e-2, local_steps=4, seed=3, dtype="bfloat16")
     runs = []

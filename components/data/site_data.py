@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from components.data.records import DataError, load_jsonl
-from components.data.synthetic import default_site_data
+from flare_lora.components.data.records import DataError, load_jsonl
+from flare_lora.components.data.synthetic import default_site_data
 
 
 def load_site_data(

@@ -1,4 +1,4 @@
-"""Split one dataset into per-site JSONL files (``python -m components.data.split``).
+"""Split one dataset into per-site JSONL files (``python -m flare_lora.components.data.split``).
 
 Simulates federated sites from a single file, either by a field (each distinct value goes to one
 site, round-robin) or by a label-skewed Dirichlet partition, the usual non-IID benchmark setup.
@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from components.data.records import DataError, load_jsonl, record_problem, write_jsonl
+from flare_lora.components.data.records import DataError, load_jsonl, record_problem, write_jsonl
 
 RECORD_KEYS = ("instruction", "input", "output", "text")
 

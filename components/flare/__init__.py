@@ -1,1 +1,1 @@
-"""FLARE glue: controller, recipe, client script. Thin; calls components.algorithms."""
+"""FLARE glue: controller, recipe, client script. Thin; calls flare_lora.components.algorithms."""

@@ -23,13 +23,13 @@ from dataclasses import replace
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from components.algorithms.merge import weights_digest
-from components.data.site_data import load_site_data
-from components.flare.ddp import SiteGroup
-from components.flare.site_args import from_args
-from components.methods import get_method
-from components.training.config import SiteConfig
-from components.training.lora import (
+from flare_lora.components.algorithms.merge import weights_digest
+from flare_lora.components.data.site_data import load_site_data
+from flare_lora.components.flare.ddp import SiteGroup
+from flare_lora.components.flare.site_args import from_args
+from flare_lora.components.methods import get_method
+from flare_lora.components.training.config import SiteConfig
+from flare_lora.components.training.lora import (
     add_lora,
     base_weights,
     layer_parameters,
@@ -41,10 +41,10 @@ from components.training.lora import (
     set_trainable_layers,
     trainable_state,
 )
-from components.training.models import load_model_and_tokenizer, resolve_model_dir
-from components.training.trainer import evaluate, layer_criterion, layer_scores, set_threads, train_lora
-from privacy.dp_sgd import DPSGD, DPUnsupported
-from privacy.update_reference import keep_reference
+from flare_lora.components.training.models import load_model_and_tokenizer, resolve_model_dir
+from flare_lora.components.training.trainer import evaluate, layer_criterion, layer_scores, set_threads, train_lora
+from flare_lora.privacy.dp_sgd import DPSGD, DPUnsupported
+from flare_lora.privacy.update_reference import keep_reference
 
 log = logging.getLogger("flare_lora.client")
 

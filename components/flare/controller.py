@@ -1,6 +1,6 @@
 """Server workflow for federated LoRA: rounds, per-site catch-up, update vetting, aggregation.
 
-Thin FLARE glue around ``components.methods``: it decides who trains, ships each site exactly the
+Thin FLARE glue around ``flare_lora.components.methods``: it decides who trains, ships each site exactly the
 global state it lacks, rejects malformed updates (logged, round goes on), aggregates with the
 method's pure-torch code, and writes results (metrics JSON, final PEFT adapter) into the run dir.
 """
@@ -19,13 +19,13 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from components.adapter_export import save_adapter
-from components.algorithms.lora_state import InvalidUpdate, lora_module_shapes
-from components.flare.checkpoint import CheckpointError, RoundCheckpoint
-from components.methods import METHODS, SiteUpdate, check_update, get_method
-from privacy.he_aggregate import check_he_method
-from privacy.he_context import SERVER_CONTEXT, HEContextError
-from privacy.he_server import LoraHE, open_server_context
+from flare_lora.components.adapter_export import save_adapter
+from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes
+from flare_lora.components.flare.checkpoint import CheckpointError, RoundCheckpoint
+from flare_lora.components.methods import METHODS, SiteUpdate, check_update, get_method
+from flare_lora.privacy.he_aggregate import check_he_method
+from flare_lora.privacy.he_context import SERVER_CONTEXT, HEContextError
+from flare_lora.privacy.he_server import LoraHE, open_server_context
 
 RESULTS_DIRNAME = "flare_lora"
 

@@ -14,9 +14,9 @@ import os
 import shutil
 import sys
 
-from components.report import comm_totals, load_metrics, write_report
-from components.training.config import DTYPES
-from privacy.dp_config import add_dp_args, client_dp_options, dp_site_settings
+from flare_lora.components.report import comm_totals, load_metrics, write_report
+from flare_lora.components.training.config import DTYPES
+from flare_lora.privacy.dp_config import add_dp_args, client_dp_options, dp_site_settings
 
 METRICS_GLOB = os.path.join("**", "flare_lora", "metrics.json")
 
@@ -76,7 +76,7 @@ def he_recipe_kwargs(args) -> dict:
 
     if args.env != "sim" or _peek_recipe_args()[0]:
         return {"he": True}
-    from privacy.he_context import provision_sim_contexts
+    from flare_lora.privacy.he_context import provision_sim_contexts
 
     folder = os.path.join(os.path.abspath(args.workspace or "/tmp/flare_lora/sim"), "he_contexts")
     return {"he": True, "he_context_dir": provision_sim_contexts(folder)}
@@ -190,8 +190,8 @@ def save_merged_weights(model: str | None, results_dir: str, weights_file: str) 
     weights = os.path.join(results_dir, weights_file)
     if not os.path.isfile(weights):
         return
-    from components.adapter_export import save_full_model
-    from components.training.models import resolve_model_dir
+    from flare_lora.components.adapter_export import save_full_model
+    from flare_lora.components.training.models import resolve_model_dir
 
     merged = save_full_model(resolve_model_dir(model), weights, os.path.join(results_dir, "merged"))
     print(f"merged model: {merged}  (AutoModelForCausalLM.from_pretrained(that_dir))")
@@ -217,17 +217,17 @@ def make_env(args, sites: dict):
 
         return SimEnv(clients=list(sites), num_threads=len(sites), workspace_root=workspace)
     if args.env == "poc":
-        from components.flare.poc import IsolatedPocEnv
+        from flare_lora.components.flare.poc import IsolatedPocEnv
 
         project = None
         if getattr(args, "he", False):  # provision with FLARE's HEBuilder: contexts in the startup kits
-            from components.flare.poc import build_project_config
-            from privacy.he_context import with_he_builder
+            from flare_lora.components.flare.poc import build_project_config
+            from flare_lora.privacy.he_context import with_he_builder
 
             project = with_he_builder(build_project_config(list(sites), fed_learn_port=0, admin_port=0))
         on_provisioned = None
         if getattr(args, "no_byoc", False):  # the POC sites "installed" this checkout: allow its classes
-            from components.flare.site_policy import allow_flare_lora
+            from flare_lora.components.flare.site_policy import allow_flare_lora
 
             options = {"noise_mask": getattr(args, "mask_rho", None) is not None, "he": getattr(args, "he", False),
                        "client_dp": getattr(args, "client_dp_clip", None) is not None}
@@ -276,8 +276,8 @@ def run_recipe(recipe, env, name: str, results_dir: str, title: str, model: str 
     report = collect_results(result, results_dir, title)
     adapter = os.path.join(results_dir, "adapter")
     if save_merged and os.path.isdir(adapter):
-        from components.adapter_export import save_merged_model
-        from components.training.models import resolve_model_dir
+        from flare_lora.components.adapter_export import save_merged_model
+        from flare_lora.components.training.models import resolve_model_dir
 
         report["merged"] = save_merged_model(resolve_model_dir(model), adapter, os.path.join(results_dir, "merged"))
     print_report(report)
@@ -329,8 +329,8 @@ def lora_job_main(doc: str, **defaults) -> int:
 
     Config errors print one line naming site and key and exit 2 instead of a traceback.
     """
-    from components.flare.recipe import LoraRecipe
-    from components.methods import METHODS
+    from flare_lora.components.flare.recipe import LoraRecipe
+    from flare_lora.components.methods import METHODS
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="flora")

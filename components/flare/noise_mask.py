@@ -3,7 +3,7 @@
 Added to a job as a client *output* (task result) filter on the "train" task, so it runs in the
 site's FLARE client process after the training script returned its update and before the
 message is sent; the server and its aggregator only ever see the masked update. The math is
-``components.algorithms.noise_mask.mask_update``; this file only finds the tensors in the DXO,
+``flare_lora.components.algorithms.noise_mask.mask_update``; this file only finds the tensors in the DXO,
 derives the per-round seed from (seed, site, round) and logs what it did.
 
 Not differential privacy: see docs/fedcdd.md ("threat model").
@@ -19,7 +19,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
-from components.algorithms.noise_mask import check_mask_options, mask_seed, mask_update
+from flare_lora.components.algorithms.noise_mask import check_mask_options, mask_seed, mask_update
 
 
 class NoiseMaskFilter(DXOFilter):

@@ -1,7 +1,7 @@
 """Server workflow for one-shot federated fine-tuning: one round, results folded in as they arrive.
 
 Every site trains once from the pretrained base and reports once. Each accepted result is folded
-into the global model on arrival (``components.algorithms.one_shot``: running average, or
+into the global model on arrival (``flare_lora.components.algorithms.one_shot``: running average, or
 incremental FLoRA stacking), and the intermediate global is written to the run dir together with
 the sites it contains, so an interrupted job still leaves the best model so far. The job finishes
 when every site reported, or once the deadline passed with at least ``min_sites`` folded in (then
@@ -23,13 +23,13 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 from safetensors.torch import save_file
 
-from components.adapter_export import save_adapter
-from components.algorithms.lora_state import InvalidUpdate, validate_lora_update
-from components.algorithms.one_shot import OnlineAverage, OnlineStack
-from components.flare.controller import RESULTS_DIRNAME, wire_bytes
-from components.methods import ONE_SHOT_METHODS
-from privacy.he_context import SERVER_CONTEXT, HEContextError
-from privacy.he_server import OneShotHE, open_server_context
+from flare_lora.components.adapter_export import save_adapter
+from flare_lora.components.algorithms.lora_state import InvalidUpdate, validate_lora_update
+from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
+from flare_lora.components.flare.controller import RESULTS_DIRNAME, wire_bytes
+from flare_lora.components.methods import ONE_SHOT_METHODS
+from flare_lora.privacy.he_context import SERVER_CONTEXT, HEContextError
+from flare_lora.privacy.he_server import OneShotHE, open_server_context
 
 
 def check_one_shot_options(method: str, num_sites: int, min_sites: int, deadline: float, late_grace: float,

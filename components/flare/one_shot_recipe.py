@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from components.flare.one_shot_controller import OneShotController, check_one_shot_options
-from components.flare.recipe import LoraRecipe
-from components.training.config import ConfigError, SiteConfig
-from privacy.he_context import he_server_context
+from flare_lora.components.flare.one_shot_controller import OneShotController, check_one_shot_options
+from flare_lora.components.flare.recipe import LoraRecipe
+from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.privacy.he_context import he_server_context
 
 
 class OneShotRecipe(LoraRecipe):

@@ -20,7 +20,7 @@ Nothing is ever killed by name.
 
 Usage::
 
-    from components.flare.poc import isolated_poc, run_job_in_poc
+    from flare_lora.components.flare.poc import isolated_poc, run_job_in_poc
 
     # one-shot: run a recipe, keep the logs, always stop the POC
     status, result_dir = run_job_in_poc(recipe, ["site-1", "site-2"], "/tmp/my_poc", timeout=300)
@@ -563,7 +563,7 @@ class IsolatedPocEnv(PocEnv):
                 )
             shutil.rmtree(self.workspace)
         os.makedirs(self.workspace, exist_ok=True)
-        Path(self.workspace, WORKSPACE_MARKER).write_text("POC workspace owned by components.flare.poc\n")
+        Path(self.workspace, WORKSPACE_MARKER).write_text("POC workspace owned by flare_lora.components.flare.poc\n")
         if self.project is None:
             write_project_yml(self.project_file, self.clients, fed_learn_port=self.fed_learn_port,
                               admin_port=self.admin_port, project_name=self.project_name, admin=self.username)

@@ -1,6 +1,6 @@
 """The production project.yml (nvflare_jobs/provision/project.yml) for your server and N sites.
 
-    python -m components.flare.provision --sites hospital-a,hospital-b,hospital-c,hospital-d \\
+    python -m flare_lora.components.flare.provision --sites hospital-a,hospital-b,hospital-c,hospital-d \\
         --server fl.coordinator.example.org --domain example.org -o project.yml [--he]
     nvflare provision -p project.yml -w workspace
 

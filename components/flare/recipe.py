@@ -22,22 +22,22 @@ from nvflare.job_config.file_source import FileSource
 from nvflare.job_config.script_runner import ScriptRunner
 from nvflare.recipe.spec import Recipe
 
-from components.data.site_data import load_site_data
-from components.algorithms.noise_mask import check_mask_options
-from components.flare.controller import LoraController
-from components.flare.noise_mask import NoiseMaskFilter
-from components.flare.restarting_executor import RestartingExecutor
-from components.flare.site_args import to_args
-from components.methods import get_method
-from components.training.config import ConfigError, SiteConfig
-from privacy.client_dp_filter import ClientDPFilter
-from privacy.dp_config import PRIVACY_DIR, plan_dp_steps
-from privacy.he_aggregate import check_he_method
-from privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, he_server_context
-from privacy.he_filters import add_he_filters
+from flare_lora.components.data.site_data import load_site_data
+from flare_lora.components.algorithms.noise_mask import check_mask_options
+from flare_lora.components.flare.controller import LoraController
+from flare_lora.components.flare.noise_mask import NoiseMaskFilter
+from flare_lora.components.flare.restarting_executor import RestartingExecutor
+from flare_lora.components.flare.site_args import to_args
+from flare_lora.components.methods import get_method
+from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
+from flare_lora.privacy.dp_config import plan_dp_steps
+from flare_lora.privacy.he_aggregate import check_he_method
+from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, he_server_context
+from flare_lora.privacy.flare.he_filters import add_he_filters
 
 CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_train.py")  # a path: importing it would load the trainer
-PACKAGE_DIR = os.path.dirname(os.path.dirname(CLIENT_SCRIPT))  # .../components
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(CLIENT_SCRIPT)))  # .../flare_lora
 
 
 def client_script() -> str:
@@ -57,8 +57,8 @@ def client_script() -> str:
     copy = os.path.join(tempfile.mkdtemp(prefix="flare_lora_client_"), os.path.basename(CLIENT_SCRIPT))
     shutil.copyfile(CLIENT_SCRIPT, copy)
     return copy
-CLIENT_MODULE = "components.flare.client_train"
-INSTALLED_PACKAGES = ("components", "privacy")  # what `pip install flare-lora` puts on a site
+CLIENT_MODULE = "flare_lora.components.flare.client_train"
+INSTALLED_PACKAGES = ("flare_lora",)  # what `pip install flare-lora` puts on a site
 
 
 class LoraRecipe(Recipe):
@@ -118,7 +118,7 @@ class LoraRecipe(Recipe):
         checkpoint_dir / max_result_bytes: see LoraController (server checkpoint + resume, and
             the cap on a site's result size).
         byoc: False makes a job without code: sites run the pip-installed flare-lora
-            (``python -m components.flare.client_train``) and must allow its classes instead of
+            (``python -m flare_lora.components.flare.client_train``) and must allow its classes instead of
             granting the "byoc" right (components/flare/site_policy.py).
         client_dp: if set, every site clips and noises its update before upload (privacy/
             client_dp_filter.py): {"clip": C, "sigma": σ, "delta": δ, "epsilon_max": ε_max}.
@@ -126,7 +126,7 @@ class LoraRecipe(Recipe):
         he: homomorphic-encrypted aggregation (docs/he.md): sites encrypt their update after any
             DP/mask filter and decrypt the global; the server aggregates ciphertexts without a
             secret key. Contexts come from the startup kits (FLARE's HEBuilder), or with
-            he_context_dir from a folder made by privacy.he_context.provision_sim_contexts
+            he_context_dir from a folder made by flare_lora.privacy.he_context.provision_sim_contexts
             (simulator, test-only). A missing context fails the job before training.
         max_trainer_restarts: how often per job a site launches a new training process after
             its last one died (components/flare/restarting_executor.py); 0: never.
@@ -220,10 +220,8 @@ class LoraRecipe(Recipe):
             self.add_client_output_filter(mask, tasks=["train"])
         if dp_filter is not None:  # site side too: the server sees only clipped and noised changes
             self.add_client_output_filter(dp_filter, tasks=["train"])
-            if byoc:  # the whole package: FLARE's partial copy of the filter's imports would shadow the installed one
-                self._add_to_client_apps(FileSource(PRIVACY_DIR, dest_dir="privacy", app_folder_type="custom"))
         if he:  # added last, so that encryption sees what DP and the mask produced
-            add_he_filters(self, he_context_dir, byoc, ("train", "validate"), ship_privacy=dp_filter is None)
+            add_he_filters(self, he_context_dir, ("train", "validate"))
 
 
 def add_site_trainer(job: FedJob, site: str, args: list[str], *, script: str | None, command: str = "python3 -u",
@@ -233,8 +231,8 @@ def add_site_trainer(job: FedJob, site: str, args: list[str], *, script: str | N
     ``script``: a script the job carries (BYOC), or None for the pip-installed client module.
     External process (default): started by ``command``, and started again at the next task after
     it died (RestartingExecutor). Otherwise in the FLARE client process (nvflare's ScriptRunner).
-    A BYOC job carries the whole ``components`` package: FLARE's copy of the modules its
-    components import would otherwise be a partial package shadowing the installed one.
+    A BYOC job carries the whole ``flare_lora`` package (its filters too): FLARE's copy of the
+    modules its components import would otherwise be a partial package shadowing the installed one.
     """
     if not launch_external_process:  # adds the script to the job too
         job.to(ScriptRunner(script=script, script_args=" ".join(args), framework=FrameworkType.PYTORCH,
@@ -253,7 +251,7 @@ def add_site_trainer(job: FedJob, site: str, args: list[str], *, script: str | N
             max_restarts=max_restarts,
         ), site)
     if script is not None:
-        job.to(FileSource(PACKAGE_DIR, dest_dir="components", app_folder_type="custom"), site)
+        job.to(FileSource(PACKAGE_DIR, dest_dir="flare_lora", app_folder_type="custom"), site)
 
 
 def check_restarts(max_trainer_restarts) -> None:

@@ -2,11 +2,11 @@
 
 Each round: (every ``sel_gap`` rounds, or when a sampled site has no selection yet) a "score" task
 collects K layer scores and a layer budget from every sampled site; the server picks each site's
-layers (``components.algorithms.layer_selection.choose_layers``: the consistency-regularised
+layers (``flare_lora.components.algorithms.layer_selection.choose_layers``: the consistency-regularised
 solver or a baseline); a "train" task carries each site's layer list; the server vets every
 update (a layer it was not assigned, a missing layer, NaN/Inf, a changed shape: rejected and
 logged, the round goes on) and averages each layer over the sites that trained it
-(``components.algorithms.layer_average``). Layers nobody trained keep their global value.
+(``flare_lora.components.algorithms.layer_average``). Layers nobody trained keep their global value.
 
 Every task ships a site only the global layers that changed since the version it last reported,
 so a site's model is always the global model. A final "validate" task evaluates it everywhere and
@@ -30,13 +30,13 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
-from components.algorithms.layer_average import (
+from flare_lora.components.algorithms.layer_average import (
     average_layers,
     layer_of,
     relative_key,
     validate_layer_update,
 )
-from components.algorithms.layer_selection import (
+from flare_lora.components.algorithms.layer_selection import (
     CRITERIA,
     EXACT_WORK_LIMIT,
     SelectionError,
@@ -49,10 +49,10 @@ from components.algorithms.layer_selection import (
     normalize_scores,
     objective,
 )
-from components.algorithms.lora_state import InvalidUpdate
-from components.flare.controller import RESULTS_DIRNAME, wire_bytes
-from privacy.he_context import SERVER_CONTEXT, HEContextError
-from privacy.he_server import LayerHE, open_server_context
+from flare_lora.components.algorithms.lora_state import InvalidUpdate
+from flare_lora.components.flare.controller import RESULTS_DIRNAME, wire_bytes
+from flare_lora.privacy.he_context import SERVER_CONTEXT, HEContextError
+from flare_lora.privacy.he_server import LayerHE, open_server_context
 
 SCORE_CRITERION = {"selective": "grad_norm", "rgn": "rgn", "snr": "snr"}  # others log grad norms
 
@@ -427,7 +427,7 @@ def save_global_layers(out: str, state: dict, mode: str, num_layers: int, scalin
         return {"layers_file": "layers.safetensors"}
     import torch
 
-    from components.adapter_export import save_adapter
+    from flare_lora.components.adapter_export import save_adapter
 
     full = dict(state)
     template = {relative_key(k): v.shape for k, v in state.items()}

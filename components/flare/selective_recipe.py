@@ -13,12 +13,11 @@ import os
 from collections.abc import Mapping
 
 from nvflare.job_config.api import FedJob
-from nvflare.job_config.file_source import FileSource
 from nvflare.recipe.spec import Recipe
 
-from components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
-from components.data.site_data import load_site_data
-from components.flare.recipe import (
+from flare_lora.components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
+from flare_lora.components.data.site_data import load_site_data
+from flare_lora.components.flare.recipe import (
     add_site_trainer,
     check_participation,
     check_paths,
@@ -26,13 +25,13 @@ from components.flare.recipe import (
     check_restarts,
     client_script,
 )
-from components.flare.selective_controller import SelectiveController
-from components.flare.site_args import to_args
-from components.training.config import ConfigError, SiteConfig
-from privacy.client_dp_filter import ClientDPFilter
-from privacy.dp_config import PRIVACY_DIR, check_dp_selection, plan_dp_steps
-from privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, he_server_context
-from privacy.he_filters import add_he_filters
+from flare_lora.components.flare.selective_controller import SelectiveController
+from flare_lora.components.flare.site_args import to_args
+from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
+from flare_lora.privacy.dp_config import check_dp_selection, plan_dp_steps
+from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, he_server_context
+from flare_lora.privacy.flare.he_filters import add_he_filters
 
 SELECTIVE_KEYS = ("budget",)  # per-site keys beyond SiteConfig's
 SCORE_FREE = ("full", "top", "bottom", "random")  # selections that never read the sites' layer scores
@@ -43,7 +42,7 @@ def model_num_layers(model: str | None) -> int | None:
     path = None
     if model is None:
         try:
-            from components.training.models import resolve_model_dir
+            from flare_lora.components.training.models import resolve_model_dir
 
             path = resolve_model_dir(None)
         except (FileNotFoundError, OSError, ImportError):
@@ -188,12 +187,10 @@ class SelectiveRecipe(Recipe):
             add_site_trainer(job, site, args, script=(site_scripts or {}).get(site) or shared_script, command=command,
                              launch_external_process=launch_external_process, max_restarts=max_trainer_restarts)
         super().__init__(job)
-        if dp_filter is not None:  # site side, on the outgoing train result (privacy/client_dp_filter.py)
+        if dp_filter is not None:  # site side, on the outgoing train result (privacy/flare/client_dp_filter.py)
             self.add_client_output_filter(dp_filter, tasks=["train"])
-            # the whole package: FLARE's partial copy of the filter's imports would shadow the installed one
-            self._add_to_client_apps(FileSource(PRIVACY_DIR, dest_dir="privacy", app_folder_type="custom"))
         if he:  # last, after DP; every task ships (encrypted) layers: score, train, validate
-            add_he_filters(self, he_context_dir, True, ("score", "train", "validate"), ship_privacy=dp_filter is None)
+            add_he_filters(self, he_context_dir, ("score", "train", "validate"))
 
 
 def _check_same_adapter(configs: Mapping[str, SiteConfig]) -> None:

@@ -7,7 +7,7 @@ requiring the submitter's "byoc" right. These are the entries beyond nvflare's d
 tests/test_production.py checks with nvflare's own authorizer that a non-BYOC export of our jobs
 passes with exactly them.
 
-    python -m components.flare.site_policy <startup kit dir> [--noise-mask] [--client-dp] [--he] [--deny-byoc]
+    python -m flare_lora.components.flare.site_policy <startup kit dir> [--noise-mask] [--client-dp] [--he] [--deny-byoc]
 
 adds the entries to the kit's ``local/resources.json`` (created from ``resources.json.default``,
 which a ``resources.json`` replaces entirely) and, with ``--deny-byoc``, writes a
@@ -21,12 +21,12 @@ import argparse
 import json
 import os
 
-SERVER_ALLOW = ("components.flare.controller.LoraController",)
-CLIENT_ALLOW = ("components.flare.restarting_executor.RestartingExecutor",)
+SERVER_ALLOW = ("flare_lora.components.flare.controller.LoraController",)
+CLIENT_ALLOW = ("flare_lora.components.flare.restarting_executor.RestartingExecutor",)
 # client side, one per job option that adds a site filter
-NOISE_MASK_ALLOW = ("components.flare.noise_mask.NoiseMaskFilter",)  # --mask-rho
-CLIENT_DP_ALLOW = ("privacy.client_dp_filter.ClientDPFilter",)  # client-level DP filter
-HE_ALLOW = ("privacy.he_filters.HEEncryptFilter", "privacy.he_filters.HEDecryptFilter")  # --he
+NOISE_MASK_ALLOW = ("flare_lora.components.flare.noise_mask.NoiseMaskFilter",)  # --mask-rho
+CLIENT_DP_ALLOW = ("flare_lora.privacy.flare.client_dp_filter.ClientDPFilter",)  # client-level DP filter
+HE_ALLOW = ("flare_lora.privacy.flare.he_filters.HEEncryptFilter", "flare_lora.privacy.flare.he_filters.HEDecryptFilter")  # --he
 
 
 def allow_list_entries(role: str, *, noise_mask: bool = False, client_dp: bool = False, he: bool = False) -> list[str]:

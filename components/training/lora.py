@@ -1,7 +1,7 @@
 """Attach, re-initialise, export and import the LoRA adapter, and expose the base weights.
 
 State dicts use PEFT's key layout (see docs/design.md), which is what every aggregation rule in
-``components.algorithms`` consumes.
+``flare_lora.components.algorithms`` consumes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from components.training.config import ConfigError, SiteConfig
+from flare_lora.components.training.config import ConfigError, SiteConfig
 
 
 def add_lora(model: nn.Module, cfg: SiteConfig, site: str = "") -> PeftModel:
@@ -136,7 +136,7 @@ def base_weights(model: nn.Module) -> dict[str, Tensor]:
 #
 # Wire keys: "full" mode uses the base model's parameter names (``model.layers.3.mlp.up_proj.weight``);
 # "lora" mode uses PEFT state-dict keys (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``).
-# Both carry the layer index that ``components.algorithms.layer_average.layer_of`` reads.
+# Both carry the layer index that ``flare_lora.components.algorithms.layer_average.layer_of`` reads.
 
 LAYER_MODES = ("full", "lora")
 
@@ -153,7 +153,7 @@ def layer_parameters(model: nn.Module, mode: str) -> dict[int, dict[str, nn.Para
     (``model`` must carry an adapter). Raises ValueError when the layers found are not 0..K-1 of
     the model's ``num_hidden_layers``.
     """
-    from components.algorithms.layer_average import layer_of
+    from flare_lora.components.algorithms.layer_average import layer_of
 
     if mode not in LAYER_MODES:
         raise ValueError(f"mode: expected one of {list(LAYER_MODES)}, got {mode!r}")
@@ -187,8 +187,8 @@ def score_parameters(model: nn.Module, mode: str) -> dict[int, dict[str, nn.Para
     """
     if mode == "full":
         return layer_parameters(model, "full")
-    from components.algorithms.layer_average import layer_of
-    from components.algorithms.merge import base_weight_name
+    from flare_lora.components.algorithms.layer_average import layer_of
+    from flare_lora.components.algorithms.merge import base_weight_name
 
     weights = base_weights(model)
     prefixes = {key.rsplit(".lora_", 1)[0] for layer in layer_parameters(model, "lora").values() for key in layer}

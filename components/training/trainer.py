@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from components.data.prompts import IGNORE_INDEX, collate, encode, exact_match, prompt_ids
-from components.data.records import has_reference
-from components.training.config import SiteConfig
+from flare_lora.components.data.prompts import IGNORE_INDEX, collate, encode, exact_match, prompt_ids
+from flare_lora.components.data.records import has_reference
+from flare_lora.components.training.config import SiteConfig
 
 
 def set_threads(n: int | None) -> None:
@@ -75,7 +75,7 @@ def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: 
     train_loss (mean over the last quarter of the steps), steps, tokens (supervised),
     input_tokens (non-padding), seconds and tokens_per_s (supervised tokens per second).
 
-    ``dp`` (``privacy.dp_sgd.DPSGD``) makes the steps differentially private: Poisson-sampled
+    ``dp`` (``flare_lora.privacy.dp_sgd.DPSGD``) makes the steps differentially private: Poisson-sampled
     records (micro-batches of at most cfg.batch_size), each record's loss its own token mean (a
     step-wide token count would couple the records and void the per-record sensitivity), per-record
     gradients clipped and noised by Opacus; the stats then carry ``dp`` (ε spent, σ, q, ...).

@@ -11,7 +11,7 @@ Same options as nvflare_jobs/flora/job.py plus the fedcdd/mask groups; see docs/
 
 import sys
 
-from components.flare.job_cli import lora_job_main
+from flare_lora.components.flare.job_cli import lora_job_main
 
 if __name__ == "__main__":
     sys.exit(lora_job_main(__doc__, method="fedcdd", ranks="8,8,8"))

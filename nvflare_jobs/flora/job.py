@@ -7,7 +7,7 @@
 
 import sys
 
-from components.flare.job_cli import lora_job_main
+from flare_lora.components.flare.job_cli import lora_job_main
 
 if __name__ == "__main__":
     sys.exit(lora_job_main(__doc__))

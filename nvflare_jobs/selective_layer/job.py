@@ -18,9 +18,9 @@ import json
 import os
 import sys
 
-from components.algorithms.layer_selection import CRITERIA
-from components.flare.job_cli import add_common_args, build_sites, make_env, run_recipe, save_merged_weights, site_recipe_kwargs
-from components.flare.selective_recipe import SelectiveRecipe
+from flare_lora.components.algorithms.layer_selection import CRITERIA
+from flare_lora.components.flare.job_cli import add_common_args, build_sites, make_env, run_recipe, save_merged_weights, site_recipe_kwargs
+from flare_lora.components.flare.selective_recipe import SelectiveRecipe
 
 
 def parse_args(argv=None) -> argparse.Namespace:

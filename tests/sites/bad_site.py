@@ -12,7 +12,7 @@ import nvflare.client as flare
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from components.flare.site_args import from_args
+from flare_lora.components.flare.site_args import from_args
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)

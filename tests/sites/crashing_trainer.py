@@ -10,7 +10,7 @@ process's working directory, the site's app folder of this job).
 import os
 import signal
 
-from components.flare import client_train
+from flare_lora.components.flare import client_train
 
 MARKER = "crashed_once"
 

@@ -25,32 +25,26 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from nvflare.job_config.file_source import FileSource
 
-from privacy.he_aggregate import decrypt_payload
-from privacy.he_context import CLIENT_CONTEXT, Ckks, HEContextError, load_context
-from privacy.he_packing import HE_KEY, encrypt_state
+from flare_lora.privacy.he_aggregate import decrypt_payload
+from flare_lora.privacy.he_context import CLIENT_CONTEXT, Ckks, HEContextError, load_context
+from flare_lora.privacy.he_packing import HE_KEY, encrypt_state
 
 PLAN_KEY = "he"  # task meta key of the server's plan: {"context_id", "grouping", "bound", "pad_rank", "scale_b", "final"}
 PLAN_PROP = "flare_lora_he_plan"  # the plan, handed from the task-data filter to the task-result filter
 RESULTS_DIRNAME = "flare_lora"
-PRIVACY_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def add_he_filters(recipe, context_dir: str | None, byoc: bool, tasks, ship_privacy: bool = True) -> None:
+def add_he_filters(recipe, context_dir: str | None, tasks) -> None:
     """Every site decrypts the global of each of ``tasks`` and encrypts its "train" results, after
     the filters already on "train" (FLARE runs a task's filters in the order they were added).
 
-    ``context_dir``: simulator contexts (provision_sim_contexts), else the startup kits'. With
-    ``byoc``, the ``privacy`` package is shipped whole into the sites' custom/ folders (FLARE's
-    partial copy of a filter's imports would shadow the installed package; ``components`` is
-    shipped with the client script); ``ship_privacy`` False when another filter already ships it.
+    ``context_dir``: simulator contexts (provision_sim_contexts), else the startup kits'. A BYOC
+    job ships the whole ``flare_lora`` package with each site's trainer, the filters' code included.
     """
     context = os.path.abspath(os.path.join(context_dir, CLIENT_CONTEXT)) if context_dir else CLIENT_CONTEXT
     recipe.add_client_input_filter(HEDecryptFilter(context_file=context), tasks=list(tasks))
     recipe.add_client_output_filter(HEEncryptFilter(context_file=context), tasks=["train"])
-    if byoc and ship_privacy:
-        recipe._add_to_client_apps(FileSource(PRIVACY_DIR, dest_dir="privacy", app_folder_type="custom"))
 
 
 class _SiteHE(DXOFilter):
@@ -111,12 +105,12 @@ class HEDecryptFilter(_SiteHE):
             save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "global.safetensors"))
             written = {"full_weights": os.path.join(out, "global.safetensors")}
         elif final.get("writer") == "layers":
-            from components.flare.selective_controller import save_global_layers
+            from flare_lora.components.flare.selective_controller import save_global_layers
 
             written = save_global_layers(out, state, final["mode"], final["num_layers"], final["scaling"],
                                          final.get("base_model", ""))
         else:
-            from components.adapter_export import save_adapter
+            from flare_lora.components.adapter_export import save_adapter
 
             written = {"adapter": save_adapter(os.path.join(out, "adapter"), state, final["scaling"],
                                                final.get("base_model", ""))}

@@ -2,7 +2,7 @@
 
 Runs in the site's FLARE client on the outgoing result, wired either by the job
 (``LoraRecipe(client_dp={...})`` / ``--client-dp-clip --client-dp-sigma``) or by the site's admin in
-``local/privacy.json`` (a scope's ``task_result_filters``; docs/dp.md, docs/privacy.json). The math
+``local/privacy.json`` (a scope's ``task_result_filters``; docs/dp.md, privacy/examples/privacy.json). The math
 is privacy/client_dp.py: reference + clip(update − reference, C) + N(0, σ²C²), where the reference
 is the state local training started from (privacy/update_reference.py).
 
@@ -26,9 +26,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
-from privacy.client_dp import check_client_dp, privatize, release, update_norm
-from privacy.ledger import PrivacyLedger, ledger_path
-from privacy.update_reference import META_KEY, load_reference
+from flare_lora.privacy.client_dp import check_client_dp, privatize, release, update_norm
+from flare_lora.privacy.ledger import PrivacyLedger, ledger_path
+from flare_lora.privacy.update_reference import META_KEY, load_reference
 
 LEDGER_NAME = "client_dp.json"
 

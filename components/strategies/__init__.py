@@ -1,0 +1,1 @@
+"""Aggregation strategies: one interface, one registry."""
