@@ -72,9 +72,9 @@ def he_recipe_kwargs(args) -> dict:
     (test-only: the secret key sits beside the server); POC, prod and exported jobs use the kits'."""
     if not args.he:
         return {}
-    from nvflare.recipe.spec import _peek_recipe_args  # --export/--export-dir, stripped from sys.argv
+    from flare_lora.components.flare.nvflare_compat import export_requested
 
-    if args.env != "sim" or _peek_recipe_args()[0]:
+    if args.env != "sim" or export_requested():
         return {"he": True}
     from flare_lora.privacy.he_context import provision_sim_contexts
 

@@ -19,6 +19,8 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
 from nvflare.security.logging import secure_format_exception
 
+from flare_lora.components.flare.nvflare_compat import relaunch_backend
+
 # what a task ends with when its trainer is gone (or its session broke) rather than after a result
 TRAINER_LOST = (ReturnCode.EXECUTION_EXCEPTION, ReturnCode.TASK_ABORTED)
 
@@ -53,15 +55,10 @@ class RestartingExecutor(ClientAPIExecutor):
         self.restarts += 1
         self.log_warning(fl_ctx, f"task '{self.failed_task}' failed at this site; launching a new trainer "
                                  f"for task '{task_name}' (restart {self.restarts} of {self.max_restarts})")
-        old, self._backend = self._backend, None
         try:
-            if old is not None:
-                old.finalize(fl_ctx)  # stops what is left of the old trainer's process group
-            backend = self._create_backend()
-            backend.initialize(self._build_backend_context(), fl_ctx)  # launches and waits for its HELLO
+            relaunch_backend(self, fl_ctx)
         except Exception as e:
             self.log_error(fl_ctx, f"restart {self.restarts} of the trainer failed: {secure_format_exception(e)}")
             return False
-        self._backend = backend
         self.failed_task = ""
         return True

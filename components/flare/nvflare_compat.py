@@ -1,0 +1,59 @@
+"""Every call into a private NVFlare API, in one place (pyproject pins ``nvflare>=2.9,<2.10``).
+
+NVFlare 2.9 has no public way to do these; each function says why we need it. When a new
+NVFlare release changes one, this is the only file to touch, and tests/test_nvflare_compat.py
+(which calls each of them against the installed nvflare) says which.
+"""
+
+from __future__ import annotations
+
+
+def export_requested() -> bool:
+    """True when the command line asked ``Recipe.execute`` to export (``--export``).
+
+    ``nvflare.recipe.spec`` strips ``--export/--export-dir`` from sys.argv itself; a job needs to
+    know before building the recipe whether it will run here (the simulator's test-only HE keys
+    are made only then).
+    """
+    from nvflare.recipe.spec import _peek_recipe_args
+
+    return bool(_peek_recipe_args()[0])
+
+
+def start_poc_services(workspace: str, gpu_ids, excluded: list[str], services: list[str]) -> None:
+    """Start POC services without nvflare's CLI (which reads ~/.nvflare and waits on a console).
+
+    The isolated POC needs its own HOME, ports and workspace; ``nvflare poc start`` offers no
+    hook for them, ``_start_poc`` is what it calls.
+    """
+    from nvflare.tool.poc.poc_commands import _start_poc
+
+    _start_poc(poc_workspace=workspace, gpu_ids=gpu_ids, excluded=excluded, services_list=services)
+
+
+def wait_poc_ready(workspace: str, excluded: list[str], timeout: int) -> None:
+    """Wait until every POC participant registered (the private half of ``nvflare poc start``)."""
+    from nvflare.tool.poc.poc_commands import _wait_for_poc_system_ready, setup_service_config
+
+    project_config, service_config = setup_service_config(workspace)
+    _wait_for_poc_system_ready(workspace, project_config, service_config, [], excluded, timeout_in_sec=timeout)
+
+
+def relaunch_backend(executor, fl_ctx) -> None:
+    """Replace a ClientAPIExecutor's dead external-process backend by a freshly launched one.
+
+    nvflare 2.9 launches the trainer once per job (``initialize``); after it died every task
+    fails. The backend is the executor's private ``_backend``; the new one is built the way
+    ``ClientAPIExecutor.initialize`` builds it. Raises whatever the launch raises.
+    """
+    old, executor._backend = executor._backend, None
+    if old is not None:
+        old.finalize(fl_ctx)  # stops what is left of the old trainer's process group
+    backend = executor._create_backend()
+    backend.initialize(executor._build_backend_context(), fl_ctx)  # launches and waits for its HELLO
+    executor._backend = backend
+
+
+def task_check_period(controller) -> float:
+    """How often a ModelController polls its standing tasks (a private attribute in 2.9)."""
+    return float(getattr(controller, "_task_check_period", 0.5))
