@@ -3,7 +3,7 @@
 
 In-process, through the project's own code paths (no FLARE): every simulated site is a real
 model with its own LoRA driven by ``SiteConfig``, ``add_lora``, ``train_lora`` and the strategy
-objects of ``flare_lora.components.methods`` (server ``aggregate``/``payload``, client ``install``); the
+objects of ``flare_lora.components.strategies`` (server ``aggregate``/``payload``, client ``install``); the
 mask is the same ``mask_update`` call, with the same per-(site, round) seed, as the site-side
 FLARE filter ``components/flare/noise_mask.py``. Data preparation and the evaluation of the
 global model are reused from ``benchmarks/quality.py`` (``make_data``, ``eval_global``).
@@ -43,7 +43,7 @@ from flare_lora.components.algorithms.consensus_divergence import (  # noqa: E40
     fedcdd_aggregate,
 )
 from flare_lora.components.algorithms.noise_mask import mask_seed, mask_update  # noqa: E402
-from flare_lora.components.methods import SiteUpdate, check_update, get_method  # noqa: E402
+from flare_lora.components.strategies import SiteUpdate, check_update, get_method  # noqa: E402
 from flare_lora.components.training.lora import add_lora, load_lora_state, lora_state  # noqa: E402
 from flare_lora.components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir  # noqa: E402
 from flare_lora.components.training.trainer import set_threads, train_lora  # noqa: E402

@@ -134,17 +134,17 @@ def nvflare_path(sites, builder_args: dict) -> dict:
 
 
 def our_path(sites, builder_args: dict) -> dict:
-    from flare_lora.components.methods import SiteUpdate
+    from flare_lora.components.strategies import SiteUpdate, get_method
     from flare_lora.privacy.he_aggregate import decrypt_payload
     from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, Ckks, load_context, provision_sim_contexts
     from flare_lora.privacy.he_packing import HE_KEY, encrypt_state
-    from flare_lora.privacy.he_server import LoraHE, open_server_context
+    from flare_lora.privacy.he_server import EncryptedRounds, open_server_context
 
     with tempfile.TemporaryDirectory() as folder:
         provision_sim_contexts(folder, **builder_args)
         server = open_server_context(os.path.join(folder, SERVER_CONTEXT))
         site = Ckks(*load_context(os.path.join(folder, CLIENT_CONTEXT), "site"))
-    he = LoraHE(server, "fedit")
+    he = EncryptedRounds(get_method("fedit"), server)
     uploads, t_enc = [], []
     for state in sites:
         wire, t = timed(lambda: encrypt_state(state, site, grouping="all"))

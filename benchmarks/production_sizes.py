@@ -26,7 +26,7 @@ from nvflare.fuel.utils import fobs
 
 from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX
 from flare_lora.components.flare.controller import wire_bytes
-from flare_lora.components.methods import pack_rounds
+from flare_lora.components.strategies import pack_rounds
 
 MODELS = {  # name: (layers, hidden, intermediate, vocab, total params)
     "Llama-2-7B": (32, 4096, 11008, 32000, 6.74e9),

@@ -2,7 +2,7 @@
 
 No FLARE: every simulated site is a real model with its own LoRA, driven through the same code a
 FLARE job runs (``SiteConfig``, ``add_lora``, ``train_lora``, ``evaluate`` and the method strategy
-objects of ``flare_lora.components.methods``: server ``aggregate``/``payload``, client ``install``). FLoRA
+objects of ``flare_lora.components.strategies``: server ``aggregate``/``payload``, client ``install``). FLoRA
 sites really merge every stacked round into their own base weights; the benchmark asserts that the
 sites end with identical base weights (``weights_digest``) and that the merged change equals
 ``FLoRA.final`` (the concatenation of all stacked rounds).
@@ -68,7 +68,7 @@ from flare_lora.components.algorithms.merge import lora_delta, weights_digest
 from flare_lora.components.data.prompts import encode, normalize_answer
 from flare_lora.components.data.split import dirichlet_split
 from flare_lora.components.data.synthetic import default_site_data
-from flare_lora.components.methods import SiteUpdate, check_update, get_method
+from flare_lora.components.strategies import SiteUpdate, check_update, get_method
 from flare_lora.components.training.config import SiteConfig
 from flare_lora.components.training.lora import add_lora, base_weights, lora_state
 from flare_lora.components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import Tensor
 
+from flare_lora.components.algorithms.layer_average import relative_key
 from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
 from flare_lora.components.algorithms.merge import BASE_PREFIX
 
@@ -70,3 +72,44 @@ def save_full_model(base_dir: str, weights_path: str, out_dir: str) -> str:
     base.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     return out_dir
+
+
+def save_tensors(path: str, state: Mapping[str, Tensor]) -> str:
+    """A safetensors file written atomically (readers never see half a file)."""
+    save_file({k: v.contiguous() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def save_global_layers(out: str, state: Mapping[str, Tensor], mode: str, num_layers: int, scaling: float,
+                       base_model: str) -> dict:
+    """Selective-layer global. lora: a PEFT adapter (layers never trained get zero factors: no
+    change); full: ``layers.safetensors`` holding the trained layers' weights under their base-model names."""
+    if mode == "full":
+        save_tensors(os.path.join(out, "layers.safetensors"), state)
+        return {"layers_file": "layers.safetensors"}
+    full = dict(state)
+    template = {relative_key(k): v.shape for k, v in state.items()}
+    for layer in range(num_layers):
+        for rel, shape in template.items():
+            full.setdefault(rel.replace(".*.", f".{layer}.", 1), torch.zeros(shape))
+    save_adapter(os.path.join(out, "adapter"), full, scaling, base_model)
+    return {"adapter": "adapter"}
+
+
+def write_model(out: str, state: Mapping[str, Tensor], spec: Mapping) -> dict:
+    """The final model as ``spec`` says (the server's plain path and an HE site write the same):
+    writer "adapter" (scaling, base_model), "layers" (mode, num_layers, scaling, base_model) or
+    "full" (full weights). Returns the results-log entries naming what was written."""
+    os.makedirs(out, exist_ok=True)
+    writer = spec.get("writer")
+    if writer == "full":
+        save_tensors(os.path.join(out, "global.safetensors"), state)
+        return {"full_weights": "global.safetensors"}
+    if writer == "layers":
+        return save_global_layers(out, state, spec["mode"], spec["num_layers"], spec["scaling"],
+                                  spec.get("base_model", ""))
+    if writer == "adapter":
+        save_adapter(os.path.join(out, "adapter"), state, spec["scaling"], spec.get("base_model", ""))
+        return {"adapter": "adapter"}
+    raise ValueError(f"writer: expected 'adapter', 'layers' or 'full', got {writer!r}")

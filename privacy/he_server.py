@@ -1,9 +1,10 @@
-"""Server halves of encrypted aggregation for the LoRA, selective-layer and one-shot jobs (no FLARE import).
+"""Encrypted aggregators for the LoRA, selective-layer and one-shot jobs (no FLARE import).
 
-The controllers call these when ``he`` is on. They hold the server's context, which has no
-secret key (checked when opened), so they can vet an update's layout, combine ciphertexts with
-public weights and ship or persist them, but never read a value. What they need from a site in
-clear: its declared rank/alpha and example count (the weights), and the layout of its tensors.
+Same interface as the plaintext ones (flare_lora.components.strategies.aggregators): a workflow
+with ``he`` on holds one of these instead. They hold the server's context, which has no secret
+key (checked when opened), so they can vet an update's layout, combine ciphertexts with public
+weights and ship or persist them, but never read a value. What they need from a site in clear:
+its declared rank/alpha and example count (the weights), and the layout of its tensors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Mapping, Sequence
 import msgpack
 from torch import Tensor
 
-from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, InvalidUpdate, validate_lora_update
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, InvalidUpdate
+from flare_lora.components.strategies.base import SiteUpdate, Strategy
 from flare_lora.privacy.he_aggregate import (
     HE_METHODS,
     VALUE_BOUND,
@@ -67,36 +69,66 @@ def load_wire(path: str) -> dict:
         return msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
 
 
-class LoraHE:
-    """Encrypted rounds of the multi-round LoRA job (flora, fedit, zero_pad)."""
+MODEL_AT_SITES = "flare_lora/ in each site's run directory"  # where the plaintext final model is
 
-    def __init__(self, ckks: Ckks, method: str):
-        check_he_method(method)
-        if ckks.private:
-            raise HEContextError("the server's HE context holds the secret key; refusing")
-        self.ckks = ckks
-        self.method = method
-        self.kind, self.pad = HE_METHODS[method]
-        self.scaling = 1.0  # what the final adapter is applied with (FedIT: the sites' common alpha/rank)
-        self.layout: tuple[str, dict] | None = None  # sums: (site, layout) every update of the round must match
+
+def _private_refused(ckks: Ckks) -> Ckks:
+    if ckks.private:
+        raise HEContextError("the server's HE context holds the secret key; refusing")
+    return ckks
+
+
+class _Encrypted:
+    encrypted = True
+
+    def __init__(self, ckks: Ckks):
+        self.ckks = _private_refused(ckks)
 
     def describe(self) -> dict:
-        return {"context_id": self.ckks.context_id, "server_has_secret_key": self.ckks.private,
-                "kind": self.kind, **self.ckks.parameters}
+        return {"context_id": self.ckks.context_id, "server_has_secret_key": self.ckks.private, **self.ckks.parameters}
+
+    def _plan(self, grouping: str, final: Mapping | None, pad_rank: int | None = None, scale_b: bool = False) -> dict:
+        """What the sites of a task must do: how to pack, to which rank to zero-pad, what to write."""
+        return {"context_id": self.ckks.context_id, "grouping": grouping, "bound": VALUE_BOUND,
+                "pad_rank": pad_rank, "scale_b": scale_b, "final": dict(final) if final else None}
+
+    def _load(self, params) -> tuple[dict[str, Tensor], EncryptedUpdate]:
+        update = EncryptedUpdate.from_wire(_encrypted_params(params), self.ckks, fresh=True)
+        return shape_stubs(update), update
+
+    def _persist(self, out_dir: str, name: str, global_) -> str:
+        os.makedirs(os.path.join(out_dir, PERSIST_DIRNAME), exist_ok=True)
+        save_wire(os.path.join(out_dir, PERSIST_DIRNAME, name), global_.to_wire(self.ckks))
+        return os.path.join(PERSIST_DIRNAME, name)
+
+
+class EncryptedRounds(_Encrypted):
+    """Encrypted rounds of the multi-round LoRA job (flora, fedit, zero_pad)."""
+
+    def __init__(self, strategy: Strategy, ckks: Ckks):
+        check_he_method(strategy.name)
+        super().__init__(ckks)
+        self.strategy = strategy
+        self.kind, self.pad = HE_METHODS[strategy.name]
+        self.scaling = 1.0  # what the final adapter is applied with (FedIT: the sites' common alpha/rank)
+        self.pad_rank: int | None = None  # the task's zero-padding rank
+        self.layout: tuple[str, dict] | None = None  # sums: (site, layout) every update of the task must match
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kind": self.kind}
 
     def plan(self, ranks: Sequence[int], final: Mapping | None = None) -> dict:
-        """What the sites of a task must do: how to pack, to which rank to zero-pad."""
-        self.layout = None  # a new task: its updates set the round's layout
-        return {"context_id": self.ckks.context_id, "grouping": "lora", "bound": VALUE_BOUND,
-                "pad_rank": max(ranks) if self.pad and ranks else None,
-                "scale_b": self.method == "zero_pad", "final": dict(final) if final else None}
+        self.layout = None  # a new task: its updates set the task's layout
+        self.pad_rank = max(ranks) if self.pad and ranks else None
+        return self._plan("lora", {**final, "scaling": self.scaling} if final else None, self.pad_rank,
+                          scale_b=self.strategy.name == "zero_pad")
 
-    def vet(self, params, rank: int, pad_rank: int | None, site: str = "") -> tuple[EncryptedUpdate, dict[str, Tensor]]:
-        """(the loaded update, zero stubs of its declared shapes at ``rank``) for ``check_update``.
+    def vet(self, params, rank: int, site: str) -> tuple[dict[str, Tensor], EncryptedUpdate]:
+        """(zero stubs of the update's declared shapes at ``rank``, for the plaintext checks; the update).
 
-        Sums add slot by slot: every update of a round must have the layout of the first one.
+        Sums add slot by slot: every update of a task must have the layout of the first one.
         """
-        update = EncryptedUpdate.from_wire(_encrypted_params(params), self.ckks, fresh=True)
+        stubs, update = self._load(params)
         if self.kind == "sum" and self.layout is not None:
             first, groups = self.layout
             if set(update.groups) != set(groups) or not all(same_slots(update.groups[g][0], groups[g]) for g in groups):
@@ -108,70 +140,61 @@ class LoraHE:
             for s in segments:
                 if group_of(s.key, "lora") != name:
                     raise InvalidUpdate(f"{s.key}: packed in group {name!r}")
-        stubs = shape_stubs(update)
-        if pad_rank is not None:
+        if self.pad_rank is not None:
             ranks = {t.shape[0] if k.endswith(LORA_A_SUFFIX) else t.shape[1] for k, t in stubs.items()}
-            if ranks != {pad_rank}:
-                raise InvalidUpdate(f"factors zero-padded to rank(s) {sorted(ranks)}, the round pads to {pad_rank}")
+            if ranks != {self.pad_rank}:
+                raise InvalidUpdate(f"factors zero-padded to rank(s) {sorted(ranks)}, the round pads to {self.pad_rank}")
             stubs = trim_lora(stubs, rank)
         if self.kind == "sum" and self.layout is None:
             self.layout = (site or "the first update", {g: layout for g, (layout, _) in update.groups.items()})
-        return update, stubs
+        return stubs, update
 
-    def aggregate(self, updates: Sequence) -> EncryptedGlobal:
-        """``updates``: SiteUpdates whose ``state`` is an EncryptedUpdate."""
+    def aggregate(self, updates: Sequence[SiteUpdate]) -> EncryptedGlobal:
+        """``updates``: vetted SiteUpdates whose ``state`` is an EncryptedUpdate."""
         enc = [u.state for u in updates]
         n = [u.num_examples for u in updates]
         s = [u.scaling for u in updates]
-        if self.method == "flora":
+        if self.strategy.name == "flora":
             return stack(self.ckks, enc, n, s)
-        if self.method == "zero_pad":
+        if self.strategy.name == "zero_pad":
             return zero_pad(self.ckks, enc, n, rank=max(u.rank for u in updates))
-        if len(set(s)) != 1:
-            raise ValueError(f"fedit needs one alpha/rank across sites, got {sorted(set(s))}")
-        self.scaling = s[0]
+        self.scaling = s[0]  # one across the task: the strategy's check at vetting
         return fedit(self.ckks, enc, n)
 
-    def payload(self, rounds: Sequence[EncryptedGlobal], merged: int) -> dict:
+    def payload(self, rounds: Sequence[EncryptedGlobal], merged: int, final: bool = False) -> dict:
+        """Ciphertexts of the global a site lacks (the final task: all of it, so it can write the model)."""
+        merged = 0 if final else merged
         if self.kind == "stack":
             wire = rounds_payload(self.ckks, {r: rounds[r] for r in range(merged, len(rounds))})
         else:
             wire = state_payload(self.ckks, rounds[-1] if rounds else None)
         return {HE_KEY: wire}
 
-    def persist(self, out_dir: str, rounds: Sequence[EncryptedGlobal]) -> list[str]:
+    def save(self, out_dir: str, rounds: Sequence[EncryptedGlobal], final: bool, spec: Mapping) -> dict:
         """Each round's global as ciphertexts (msgpack of its wire form): the server's copy of the model."""
         folder = os.path.join(out_dir, PERSIST_DIRNAME)
-        os.makedirs(folder, exist_ok=True)
-        names = []
-        for r, global_ in enumerate(rounds):
-            name = f"round_{r}.msgpack"
-            if not os.path.exists(os.path.join(folder, name)):
-                save_wire(os.path.join(folder, name), global_.to_wire(self.ckks))
-            names.append(os.path.join(PERSIST_DIRNAME, name))
-        return names
+        names = [os.path.join(PERSIST_DIRNAME, f"round_{r}.msgpack") for r in range(len(rounds))]
+        for r, name in enumerate(names):
+            if not os.path.exists(os.path.join(out_dir, name)):
+                os.makedirs(folder, exist_ok=True)
+                save_wire(os.path.join(out_dir, name), rounds[r].to_wire(self.ckks))
+        return {"he_persisted": names, **({"model_at_sites": MODEL_AT_SITES} if final else {})}
 
 
-class LayerHE:
+class EncryptedLayers(_Encrypted):
     """Encrypted per-layer global of the selective-layer job: layer groups, averaged per layer."""
 
     def __init__(self, ckks: Ckks):
-        if ckks.private:
-            raise HEContextError("the server's HE context holds the secret key; refusing")
-        self.ckks = ckks
+        super().__init__(ckks)
         self.global_ = EncryptedUpdate({}, ckks.context_id)  # groups "layer.<i>", each with its factor
 
-    def describe(self) -> dict:
-        return {"context_id": self.ckks.context_id, "server_has_secret_key": self.ckks.private, **self.ckks.parameters}
-
     def plan(self, final: Mapping | None = None) -> dict:
-        return {"context_id": self.ckks.context_id, "grouping": "layer", "bound": VALUE_BOUND, "pad_rank": None,
-                "scale_b": False, "final": dict(final) if final else None}
+        return self._plan("layer", final)
 
-    def vet(self, params) -> tuple[EncryptedUpdate, dict[str, Tensor]]:
-        update = EncryptedUpdate.from_wire(_encrypted_params(params), self.ckks, fresh=True)
+    def vet(self, params) -> tuple[dict[str, Tensor], EncryptedUpdate]:
+        stubs, update = self._load(params)
         layers_of(update)  # every group holds exactly its own layer's tensors
-        return update, shape_stubs(update)
+        return stubs, update
 
     def aggregate(self, updates: Sequence[EncryptedUpdate], weights: Sequence[float]) -> list[int]:
         """Average each layer over the sites that sent it into the global; the layers updated."""
@@ -188,73 +211,54 @@ class LayerHE:
         global_ = EncryptedGlobal("sum", [chosen]) if names else None
         return {HE_KEY: state_payload(self.ckks, global_)}
 
-    def persist(self, out_dir: str) -> str:
-        os.makedirs(os.path.join(out_dir, PERSIST_DIRNAME), exist_ok=True)
-        name = os.path.join(PERSIST_DIRNAME, "layers.msgpack")
-        save_wire(os.path.join(out_dir, name), self.global_.to_wire(self.ckks))
-        return name
+    def save(self, out_dir: str, final: bool, spec: Mapping) -> dict:
+        saved = {"he_persisted": self._persist(out_dir, "layers.msgpack", self.global_)} if self.global_.groups else {}
+        return {**saved, **({"model_at_sites": MODEL_AT_SITES} if final else {})}
 
 
-class OneShotHE:
-    """Encrypted arrival-order folding of the one-shot job (flora: stacking; fedit, full: average).
+class EncryptedFold(_Encrypted):
+    """Encrypted arrival-order folding of the one-shot job (flora: stacking; fedit, full: average)."""
 
-    ``fold`` vets one arrival (layout through the plaintext checks, on shape stubs) and adds its
-    ciphertexts; ``result`` is the encrypted global of the sites folded so far.
-    """
-
-    def __init__(self, ckks: Ckks, method: str):
-        if method not in ("flora", "fedit", "full"):
-            raise ValueError(f"he: one-shot method {method!r} cannot aggregate ciphertexts")
-        if ckks.private:
-            raise HEContextError("the server's HE context holds the secret key; refusing")
-        self.ckks = ckks
-        self.method = method
-        self._fold = EncryptedOnlineStack(ckks) if method == "flora" else EncryptedOnlineAverage(ckks)
-        self.scaling: float | None = None  # fedit: the one alpha/rank every site must share
+    def __init__(self, strategy: Strategy, ckks: Ckks):
+        if strategy.name not in ("flora", "fedit", "full"):
+            raise ValueError(f"he: one-shot method {strategy.name!r} cannot aggregate ciphertexts")
+        super().__init__(ckks)
+        self.strategy = strategy
+        self._fold = EncryptedOnlineStack(ckks) if strategy.name == "flora" else EncryptedOnlineAverage(ckks)
+        self.scaling: float | None = None  # fedit: the one alpha/rank every site shares
 
     @property
     def sites(self) -> list[str]:
         return self._fold.sites
 
-    def describe(self) -> dict:
-        return {"context_id": self.ckks.context_id, "server_has_secret_key": self.ckks.private, **self.ckks.parameters}
-
     def plan(self, final: Mapping | None = None) -> dict:
-        return {"context_id": self.ckks.context_id, "grouping": "all" if self.method == "full" else "lora",
-                "bound": VALUE_BOUND, "pad_rank": None, "scale_b": False, "final": dict(final) if final else None}
+        if final and self.strategy.lora:
+            final = {**final, "writer": "adapter", "scaling": self.scaling or 1.0}
+        elif final:
+            final = {"writer": "full"}
+        return self._plan("lora" if self.strategy.lora else "all", final)
 
-    def final_spec(self, base_model: str) -> dict:
-        if self.method == "full":
-            return {"writer": "full"}
-        return {"writer": "adapter", "scaling": self.scaling or 1.0, "base_model": base_model}
+    def vet(self, params, rank, site: str) -> tuple[dict[str, Tensor], EncryptedUpdate]:
+        stubs, update = self._load(params)
+        if not self.strategy.lora and set(update.groups) != {"all"}:
+            raise InvalidUpdate(f"expected one group 'all', got {sorted(update.groups)}")
+        return stubs, update
 
-    def fold(self, site: str, params, num_examples, rank, alpha) -> None:
-        update = EncryptedUpdate.from_wire(_encrypted_params(params), self.ckks, fresh=True)
-        stubs = shape_stubs(update)
-        if self.method == "full":
-            if set(update.groups) != {"all"}:
-                raise InvalidUpdate(f"expected one group 'all', got {sorted(update.groups)}")
-            self._fold.add(update, num_examples, site)
+    def add(self, update: SiteUpdate) -> None:
+        """A vetted update whose ``state`` is an EncryptedUpdate."""
+        if self.strategy.name == "flora":
+            self._fold.add(update.state, update.num_examples, update.scaling, update.site)
             return
-        if not isinstance(rank, int) or rank <= 0 or not alpha > 0:
-            raise InvalidUpdate(f"declared rank / alpha must be positive, got {rank!r} / {alpha!r}")
-        validate_lora_update(stubs, rank=rank)
-        if self.method == "flora":
-            self._fold.add(update, num_examples, alpha / rank, site)
-            return
-        if self.scaling is not None and abs(alpha / rank - self.scaling) > 1e-12:
-            raise InvalidUpdate(f"fedit needs one alpha/rank across sites: {alpha / rank} vs {self.scaling}")
-        self._fold.add(update, num_examples, site)
-        self.scaling = alpha / rank
+        self._fold.add(update.state, update.num_examples, update.site)
+        if self.strategy.lora:
+            self.scaling = update.scaling
 
     def payload(self) -> dict:
         global_ = self._fold.result()
-        if self.method == "flora":  # as one stacked round, the form the sites' FLoRA install takes
+        if self.strategy.name == "flora":  # as one stacked round, the form the sites' FLoRA install takes
             return {HE_KEY: rounds_payload(self.ckks, {0: global_})}
         return {HE_KEY: state_payload(self.ckks, global_)}
 
-    def persist(self, out_dir: str) -> str:
-        os.makedirs(os.path.join(out_dir, PERSIST_DIRNAME), exist_ok=True)
-        name = os.path.join(PERSIST_DIRNAME, "global.msgpack")
-        save_wire(os.path.join(out_dir, name), self._fold.result().to_wire(self.ckks))
-        return name
+    def save(self, out_dir: str, final: bool, spec: Mapping) -> dict:
+        saved = {"he_persisted": self._persist(out_dir, "global.msgpack", self._fold.result())}
+        return {**saved, **({"model_at_sites": MODEL_AT_SITES} if final else {})}

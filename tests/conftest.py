@@ -17,19 +17,24 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _stale_installed_files() -> list[str]:
-    """Checkout files the installed flare_lora lacks or holds in another version (pyproject.toml:
-    the package is installed as a wheel, so an edit needs `pip install .` before the tests)."""
+    """Modules in which the installed flare_lora and the checkout differ (pyproject.toml: the
+    package is installed as a wheel, so an edit needs `pip install .` before the tests; a
+    module deleted here but still installed counts too)."""
     installed = Path(flare_lora.components.__file__).resolve().parents[1]
-    stale = []
+    stale = [] if not (installed / "__init__.py").exists() else ["flare_lora/__init__.py"]
     for folder in ("components", "privacy"):
-        for src in (CHECKOUT / folder).rglob("*.py"):
-            dst = installed / folder / src.relative_to(CHECKOUT / folder)
-            if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
-                stale.append(str(src.relative_to(CHECKOUT)))
+        here = {p.relative_to(CHECKOUT / folder) for p in (CHECKOUT / folder).rglob("*.py")}
+        there = {p.relative_to(installed / folder) for p in (installed / folder).rglob("*.py")}
+        for rel in sorted(here | there):
+            src, dst = CHECKOUT / folder / rel, installed / folder / rel
+            if not (src.is_file() and dst.is_file() and filecmp.cmp(src, dst, shallow=False)):
+                stale.append(f"{folder}/{rel}")
     return stale
 
 
 def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # xdist workers: the controller checked once, before they started
+        return
     stale = _stale_installed_files()
     if stale:
         pytest.exit(f"the installed flare_lora is not this checkout ({len(stale)} file(s) differ, e.g. "

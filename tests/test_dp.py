@@ -15,7 +15,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from flare_lora.components.data.prompts import collate, encode
-from flare_lora.components.methods import get_method
+from flare_lora.components.strategies import get_method
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.components.training.lora import add_lora, layer_state, lora_state, reset_lora
 from flare_lora.components.training.models import load_model_and_tokenizer

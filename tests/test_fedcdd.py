@@ -19,7 +19,7 @@ from flare_lora.components.algorithms.consensus_divergence import (
     fedcdd_aggregate,
 )
 from flare_lora.components.algorithms.noise_mask import keep_mask, mask_seed, mask_update
-from flare_lora.components.methods import SiteUpdate, get_method
+from flare_lora.components.strategies import SiteUpdate, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 A_KEY, B_KEY = "m.lora_A.weight", "m.lora_B.weight"

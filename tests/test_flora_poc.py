@@ -29,7 +29,7 @@ SITES = ["site-1", "site-2"]
 COMMON = ["--ranks", "2,4", "--steps", "2", "--batch-size", "2", "--threads", "1"]
 
 # what docs/poc.md tells each site to append to ``class_allow_list`` for a non-BYOC run
-(SERVER_ALLOW,), (CLIENT_ALLOW,) = site_policy.SERVER_ALLOW, site_policy.CLIENT_ALLOW
+SERVER_ALLOW, (CLIENT_ALLOW,) = site_policy.SERVER_ALLOW[0], site_policy.CLIENT_ALLOW  # LoraController
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import torch
 from flare_lora.components.algorithms.layer_average import average_layers
 from flare_lora.components.algorithms.lora_state import InvalidUpdate
 from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
-from flare_lora.components.methods import SiteUpdate, check_update, get_method, unpack_rounds
+from flare_lora.components.strategies import SiteUpdate, check_update, get_method, unpack_rounds
 from flare_lora.privacy.client_dp import privatize
 from flare_lora.privacy.he_aggregate import (
     EncryptedGlobal,
@@ -19,7 +19,7 @@ from flare_lora.privacy.he_aggregate import (
 )
 from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, Ckks, HEContextError, load_context, provision_sim_contexts
 from flare_lora.privacy.he_packing import HE_KEY, EncryptedUpdate, encrypt_state
-from flare_lora.privacy.he_server import LayerHE, LoraHE, load_wire, open_server_context
+from flare_lora.privacy.he_server import EncryptedFold, EncryptedLayers, EncryptedRounds, load_wire, open_server_context
 
 PREFIX = "base_model.model.model.layers.{}.self_attn.{}"
 
@@ -56,13 +56,13 @@ def test_server_context_has_no_secret_key(keys):
     server, site, folder = keys
     assert not server.private and not server.context.has_secret_key() and not server.context.is_private()
     assert site.private
-    assert LoraHE(server, "flora").describe()["server_has_secret_key"] is False
+    assert EncryptedRounds(get_method("flora"), server).describe()["server_has_secret_key"] is False
     with pytest.raises(HEContextError, match="needs the site context"):
         server.decrypt([], 0)
     with pytest.raises(HEContextError, match="holds the secret key"):
         load_context(f"{folder}/{CLIENT_CONTEXT}", "server")
     with pytest.raises(HEContextError, match="holds the secret key"):
-        LoraHE(site, "flora")
+        EncryptedRounds(get_method("flora"), site)
     with pytest.raises(HEContextError, match="has no secret key"):
         load_context(f"{folder}/{SERVER_CONTEXT}", "site")
     with pytest.raises(HEContextError, match="cannot be read"):
@@ -77,9 +77,9 @@ def test_nvflare_default_context_works_and_aggregates_shrink(tmp_path):
     site = Ckks(*load_context(f"{folder}/{CLIENT_CONTEXT}", "site"))
     params, want = run_lora_round(server, site, "zero_pad", [2, 4], n=[3, 5])
     assert_rel_close(params, want)
-    he = LoraHE(server, "fedit")
+    he = EncryptedRounds(get_method("fedit"), server)
     up = encrypt_state(lora(4, 0), site)
-    encrypted, _ = he.vet({HE_KEY: up}, 4, None)
+    _, encrypted = he.vet({HE_KEY: up}, 4, "s")
     down = he.payload([he.aggregate([SiteUpdate("s", encrypted, 2, 4, 8.0)])], 0)[HE_KEY]["global"]["blocks"][0]
     assert len(down["groups"]["A"]["ciphertexts"][0]) < 0.7 * len(up["groups"]["A"]["ciphertexts"][0]) * 2
 
@@ -101,7 +101,7 @@ def test_packing_is_dense_and_round_trips_heterogeneous_shapes(keys):
 
 def run_lora_round(server, site, method, ranks, n, alphas=None, states=None):
     """One round through the server half: plan, site encryption, vetting, aggregation, payload."""
-    he = LoraHE(server, method)
+    he = EncryptedRounds(get_method(method), server)
     alphas = alphas or [2.0 * r for r in ranks]
     states = states or [lora(r, seed=k) for k, r in enumerate(ranks)]
     plan = he.plan(ranks)
@@ -109,7 +109,7 @@ def run_lora_round(server, site, method, ranks, n, alphas=None, states=None):
     for k, (state, r, a, nk) in enumerate(zip(states, ranks, alphas, n)):
         wire = encrypt_state(state, site, plan["grouping"], plan["pad_rank"], plan["bound"],
                              {"B": a / r} if plan["scale_b"] else None)  # as HEEncryptFilter does
-        encrypted, stubs = he.vet({HE_KEY: wire}, r, plan["pad_rank"])
+        stubs, encrypted = he.vet({HE_KEY: wire}, r, f"site-{k}")
         check_update(SiteUpdate(f"site-{k}", stubs, nk, r, a))  # the plaintext vetting, on shapes only
         updates.append(SiteUpdate(f"site-{k}", encrypted, nk, r, a))
         plain.append(SiteUpdate(f"site-{k}", state, nk, r, a))
@@ -149,13 +149,13 @@ def test_stacking_sites_with_different_modules(keys):
 
 def test_selective_layers_average_per_layer(keys):
     server, site, _ = keys
-    he = LayerHE(server)
+    he = EncryptedLayers(server)
     site_layers = [(0, 1), (1,), (1, 2)]
     states = [lora(4, k, layers=layers) for k, layers in enumerate(site_layers)]
     n = [5, 7, 11]
     updates = []
     for state in states:
-        encrypted, stubs = he.vet({HE_KEY: encrypt_state(state, site, "layer")})
+        stubs, encrypted = he.vet({HE_KEY: encrypt_state(state, site, "layer")})
         assert set(stubs) == set(state)
         updates.append(encrypted)
     assert he.aggregate(updates, n) == [0, 1, 2]
@@ -198,69 +198,75 @@ def test_fedcdd_has_no_encrypted_form():
 
 def test_bad_updates_are_rejected_with_the_reason(keys, tmp_path):
     server, site, _ = keys
-    he = LoraHE(server, "fedit")
+    he = EncryptedRounds(get_method("fedit"), server)
     state = lora(4, 0)
     wire = encrypt_state(state, site)
     with pytest.raises(InvalidUpdate, match="plaintext update while HE is on"):
-        he.vet(state, 4, None)
+        he.vet(state, 4, "s")
     short = {**wire, "groups": {**wire["groups"], "A": {**wire["groups"]["A"], "ciphertexts": []}}}
     with pytest.raises(InvalidUpdate, match="truncated or padded"):
-        he.vet({HE_KEY: short}, 4, None)
+        he.vet({HE_KEY: short}, 4, "s")
     blob = wire["groups"]["A"]["ciphertexts"][0]
     for bad in (blob[: len(blob) // 2], blob[:40] + bytes(len(blob) - 40)):
         tampered = {**wire, "groups": {**wire["groups"], "A": {**wire["groups"]["A"], "ciphertexts": [bad]}}}
         with pytest.raises(InvalidUpdate, match="not a ciphertext of this CKKS context"):
-            he.vet({HE_KEY: tampered}, 4, None)
+            he.vet({HE_KEY: tampered}, 4, "s")
     # another provisioning with other parameters: named by its context id, and SEAL refuses its data
     other = Ckks(*load_context(f"{provision_sim_contexts(str(tmp_path / 'o'), coeff_mod_bit_sizes=[60, 40, 60])}/"
                                f"{CLIENT_CONTEXT}", "site"))
     foreign = encrypt_state(state, other)
     with pytest.raises(InvalidUpdate, match="another HE context"):
-        he.vet({HE_KEY: foreign}, 4, None)
+        he.vet({HE_KEY: foreign}, 4, "s")
     with pytest.raises(InvalidUpdate, match="not a ciphertext of this CKKS context"):
-        he.vet({HE_KEY: {**foreign, "context_id": server.context_id}}, 4, None)
+        he.vet({HE_KEY: {**foreign, "context_id": server.context_id}}, 4, "s")
     # same parameters, another key: indistinguishable to the server by design; the site's decryption catches it
     twin = Ckks(*load_context(f"{provision_sim_contexts(str(tmp_path / 't'))}/{CLIENT_CONTEXT}", "site"))
     forged = {**encrypt_state(state, twin), "context_id": server.context_id}
-    update, _ = he.vet({HE_KEY: forged}, 4, None)
+    _, update = he.vet({HE_KEY: forged}, 4, "s")
     with pytest.raises(InvalidUpdate, match="another key or altered"):
         EncryptedUpdate.from_wire(update.to_wire(server), site).decrypt(site)
     he.plan([4, 4])  # a new round: its first update sets the layout the others must share
-    he.vet({HE_KEY: wire}, 4, None, "site-1")
+    he.vet({HE_KEY: wire}, 4, "site-1")
     with pytest.raises(InvalidUpdate, match="differ from site-1's this round"):
-        he.vet({HE_KEY: encrypt_state(lora(4, 1, modules=("q_proj",)), site)}, 4, None, "site-2")
+        he.vet({HE_KEY: encrypt_state(lora(4, 1, modules=("q_proj",)), site)}, 4, "site-2")
+    padded = EncryptedRounds(get_method("zero_pad"), server)
+    padded.plan([4, 8])
     with pytest.raises(InvalidUpdate, match="zero-padded to rank"):
-        LoraHE(server, "zero_pad").vet({HE_KEY: encrypt_state(state, site, pad_rank=6)}, 4, 8)
+        padded.vet({HE_KEY: encrypt_state(state, site, pad_rank=6)}, 4, "s")
     with pytest.raises(ValueError, match="exceeds ±16, the bound"):
         encrypt_state({k: v * 1e4 for k, v in state.items()}, site)
 
 
 def test_persisted_global_is_ciphertext(keys, tmp_path):
     server, site, _ = keys
-    he = LoraHE(server, "fedit")
+    he = EncryptedRounds(get_method("fedit"), server)
     wire = encrypt_state(lora(4, 0), site)
-    encrypted, _ = he.vet({HE_KEY: wire}, 4, None)
+    _, encrypted = he.vet({HE_KEY: wire}, 4, "s")
     rounds = [he.aggregate([SiteUpdate("s", encrypted, 3, 4, 8.0)])]
-    (name,) = he.persist(str(tmp_path), rounds)
+    (name,) = he.save(str(tmp_path), rounds, False, {})["he_persisted"]
     stored = load_wire(str(tmp_path / name))
     assert EncryptedGlobal.from_wire(stored, server).kind == "sum"  # loads with the public context only
     assert_rel_close(EncryptedGlobal.from_wire(stored, site).decrypt(site), lora(4, 0))
 
 
 def test_one_shot_server_half_folds_arrivals(keys):
-    from flare_lora.privacy.he_server import OneShotHE
-
     server, site, _ = keys
     states = [lora(2, 0), lora(4, 1)]
-    he = OneShotHE(server, "flora")
+    he = EncryptedFold(get_method("flora"), server)
     plain = OnlineStack()
+
+    def fold(name, params, n, rank, alpha):  # as OneShotController.fold: the plaintext checks run on the stubs
+        stubs, encrypted = he.vet(params, rank, name)
+        check_update(SiteUpdate(name, stubs, n, rank, alpha))
+        he.add(SiteUpdate(name, encrypted, n, rank, alpha))
+
     for k in (1, 0):
-        he.fold(f"s{k}", {HE_KEY: encrypt_state(states[k], site)}, 10 * (k + 1), 2 * (k + 1), 4.0 * (k + 1))
+        fold(f"s{k}", {HE_KEY: encrypt_state(states[k], site)}, 10 * (k + 1), 2 * (k + 1), 4.0 * (k + 1))
         plain.add(states[k], 10 * (k + 1), 2.0, f"s{k}")
     params, _ = decrypt_payload(he.payload()[HE_KEY], site)
     assert_rel_close(unpack_rounds(params)[0], plain.result())
     with pytest.raises(InvalidUpdate, match="expected rank 3"):
-        he.fold("s2", {HE_KEY: encrypt_state(lora(2, 2), site)}, 1, 3, 6.0)
+        fold("s2", {HE_KEY: encrypt_state(lora(2, 2), site)}, 1, 3, 6.0)
 
 
 def test_site_filters_fail_closed(keys):
@@ -277,7 +283,7 @@ def test_site_filters_fail_closed(keys):
     decrypt, encrypt = HEDecryptFilter(f"{folder}/{CLIENT_CONTEXT}"), HEEncryptFilter(f"{folder}/{CLIENT_CONTEXT}")
     for f in (decrypt, encrypt):
         f.handle_event(EventType.START_RUN, fl_ctx)
-    plan = LoraHE(server, "fedit").plan([4])
+    plan = EncryptedRounds(get_method("fedit"), server).plan([4])
     task = lambda params, meta: DXO(DataKind.WEIGHTS, data=params, meta=meta).to_shareable()  # noqa: E731
     with pytest.raises(HEContextError, match="no HE plan"):
         decrypt.process(task({}, {}), fl_ctx)

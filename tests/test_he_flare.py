@@ -43,7 +43,7 @@ def check_server_holds_ciphertext(log, server_results: Path, server_context: str
     server = Ckks(*load_context(server_context, "server"))
     site = Ckks(*load_context(site_context, "site"))
     assert not server.context.has_secret_key()
-    rounds = [load_wire(str(server_results / name)) for name in log["he"]["persisted"]]
+    rounds = [load_wire(str(server_results / name)) for name in log["he_persisted"]]
     assert len(rounds) == len(log["rounds"]) == 1
     for wire in rounds:
         blob = wire["blocks"][0]["groups"]["A"]["ciphertexts"][0]

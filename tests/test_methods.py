@@ -11,7 +11,7 @@ from flare_lora.components.adapter_export import save_adapter
 from flare_lora.components.algorithms.lora_state import InvalidUpdate
 from flare_lora.components.algorithms.merge import weights_digest
 from flare_lora.components.flare.site_args import from_args, to_args
-from flare_lora.components.methods import SiteUpdate, check_update, get_method, pack_rounds, unpack_rounds
+from flare_lora.components.strategies import SiteUpdate, check_update, get_method, pack_rounds, unpack_rounds
 from flare_lora.components.report import comm_totals, format_table, per_round
 from flare_lora.components.training.config import SiteConfig
 from flare_lora.components.training.lora import add_lora, base_weights, lora_state

@@ -33,7 +33,7 @@ from flare_lora.components.flare.poc import IsolatedPocEnv, workspace_processes
 from flare_lora.components.flare.provision import render_project
 from flare_lora.components.flare.recipe import LoraRecipe
 from flare_lora.components.flare.site_policy import allow_flare_lora, deny_byoc
-from flare_lora.components.methods import FLoRA
+from flare_lora.components.strategies import FLoRA
 from flare_lora.components.report import load_metrics
 
 SITES = ["hospital-1", "hospital-2", "hospital-3"]

@@ -102,9 +102,14 @@ def test_server_vets_scores_and_updates_naming_the_site():
     from nvflare.app_common.abstract.fl_model import FLModel
 
     from flare_lora.components.flare.selective_controller import SelectiveController
+    from flare_lora.components.strategies.aggregators import PlainLayers
 
     c = SelectiveController(num_layers=4, site_budgets={"site-2": 3})
-    c.site_scores, c.assigned, c.K, c.known_shapes, c.layer_keys, c.he_layers = {}, {}, 4, {}, None, None
+    c.site_scores, c.assigned, c.K, c.known_shapes, c.layer_keys = {}, {}, 4, {}, None
+    c.aggregator, c.log = PlainLayers(), {"num_layers": 4}
+
+    def vet(check, entry):  # as the workflow vets every site result
+        return c.vet(0, "site-2", entry, check)
     cases = [
         ({"scores": [1, float("nan"), 1, 1], "budget": 2}, "site 'site-2': scores: layer 1 is nan"),
         ({"scores": [1, 1, float("inf"), 1], "budget": 2}, "site 'site-2': scores: layer 2 is inf"),
@@ -114,21 +119,21 @@ def test_server_vets_scores_and_updates_naming_the_site():
         ({"scores": [1, 1, 1, 1], "budget": 5}, "site 'site-2': budget: expected an integer in [1, 4"),
     ]
     for meta, message in cases:
-        record = {"sites": {"site-2": {}}}
-        c._vet_scores(0, "site-2", FLModel(metrics={}, meta=meta), record)
-        assert message in record["sites"]["site-2"]["rejected"], (meta, record)
+        entry = {}
+        vet(lambda: c.vet_scores(0, "site-2", FLModel(metrics={}, meta=meta), entry), entry)
+        assert message in entry["rejected"], (meta, entry)
         assert "site-2" not in c.site_scores
-    record = {"sites": {"site-2": {}}}
-    c._vet_scores(0, "site-2", FLModel(metrics={}, meta={"scores": [4, 3, 2, 1], "budget": 4}), record)
+    entry = {}
+    vet(lambda: c.vet_scores(0, "site-2", FLModel(metrics={}, meta={"scores": [4, 3, 2, 1], "budget": 4}), entry), entry)
     assert c.site_scores["site-2"] == ([4.0, 3.0, 2.0, 1.0], 3)  # clamped to the job's budget
     # an update carrying a layer the site was not assigned is rejected; the assigned one passes
     c.assigned["site-2"] = [1]
     good = {"model.layers.1.mlp.up_proj.weight": torch.ones(2, 2)}
-    record = {"sites": {"site-2": {}}}
+    entry = {}
     bad = FLModel(params={**good, "model.layers.3.mlp.up_proj.weight": torch.ones(2, 2)}, meta={"num_examples": 4})
-    assert c._vet_update(0, "site-2", bad, record) is None
-    assert "returned layer(s) [3] it was not assigned (assigned [1])" in record["sites"]["site-2"]["rejected"]
-    assert c._vet_update(0, "site-2", FLModel(params=good, meta={"num_examples": 4}), record)[0] == "site-2"
+    assert vet(lambda: c.vet_update("site-2", bad), entry) is None
+    assert "returned layer(s) [3] it was not assigned (assigned [1])" in entry["rejected"]
+    assert vet(lambda: c.vet_update("site-2", FLModel(params=good, meta={"num_examples": 4})), {})[0] == "site-2"
 
 
 # --- FLARE simulator jobs ------------------------------------------------------------------

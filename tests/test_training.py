@@ -144,7 +144,7 @@ def test_bf16_base_with_gradient_checkpointing_trains_float32_lora_like_without(
     FLoRA merges rounds into the bfloat16 base reproducibly (sites keep identical weights)."""
     from flare_lora.components.algorithms.merge import weights_digest
     from flare_lora.components.flare.client_train import load_model
-    from flare_lora.components.methods import FLoRA, pack_rounds
+    from flare_lora.components.strategies import FLoRA, pack_rounds
 
     cfg = SiteConfig(lr=1e-2, local_steps=4, seed=3, dtype="bfloat16")
     runs = []

@@ -27,7 +27,6 @@ from torch import Tensor
 
 FORMAT = 1
 STATE_FILE = "state.json"
-IDENTITY_KEYS = ("method", "method_options", "site_configs", "base_model")
 
 
 class CheckpointError(ValueError):
@@ -77,7 +76,7 @@ class RoundCheckpoint:
                 f"checkpoint {self.state_path}: key 'format': expected {FORMAT}, got {state.get('format')!r}"
             )
         saved = state.get("identity", {})
-        for key in IDENTITY_KEYS:
+        for key in sorted(set(identity) | set(saved)):
             if _plain(identity.get(key)) != saved.get(key):
                 raise CheckpointError(
                     f"checkpoint {self.state_path}: key {key!r}: expected {_plain(identity.get(key))!r} "
@@ -109,7 +108,7 @@ class RoundCheckpoint:
             os.replace(tmp, path)
         state = {
             "format": FORMAT,
-            "identity": {key: _plain(identity.get(key)) for key in IDENTITY_KEYS},
+            "identity": _plain(dict(identity)),
             "rounds_done": len(rounds),
             "records": _plain(list(records)),
             "extra": _plain(dict(extra or {})),

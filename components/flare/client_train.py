@@ -27,7 +27,7 @@ from flare_lora.components.algorithms.merge import weights_digest
 from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.flare.ddp import SiteGroup
 from flare_lora.components.flare.site_args import from_args
-from flare_lora.components.methods import get_method
+from flare_lora.components.strategies import get_method
 from flare_lora.components.training.config import SiteConfig
 from flare_lora.components.training.lora import (
     add_lora,

@@ -330,7 +330,7 @@ def lora_job_main(doc: str, **defaults) -> int:
     Config errors print one line naming site and key and exit 2 instead of a traceback.
     """
     from flare_lora.components.flare.recipe import LoraRecipe
-    from flare_lora.components.methods import METHODS
+    from flare_lora.components.strategies import METHODS
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="flora")

@@ -1,8 +1,8 @@
 """``OneShotRecipe``: the one-shot job — every site trains once, the server folds results as they arrive.
 
-Same sites, client script and validation as ``LoraRecipe`` (one round); the server workflow is
-the ``OneShotController``. ``method`` "flora" (LoRA, incremental stacking, ranks may differ),
-"fedit" (LoRA, running average, one rank) or "full" (full-parameter fine-tuning of a small model).
+Same sites, client script and validation as every job (recipe_base.py), one round; the server
+workflow is the ``OneShotController``. ``method`` "flora" (LoRA, incremental stacking, ranks may
+differ), "fedit" (LoRA, running average, one rank) or "full" (full-parameter fine-tuning).
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from flare_lora.components.flare.one_shot_controller import OneShotController, check_one_shot_options
-from flare_lora.components.flare.recipe import LoraRecipe
+from flare_lora.components.flare.recipe_base import SiteRecipe
 from flare_lora.components.training.config import ConfigError, SiteConfig
-from flare_lora.privacy.he_context import he_server_context
 
 
-class OneShotRecipe(LoraRecipe):
+class OneShotRecipe(SiteRecipe):
     def __init__(
         self,
         *,
@@ -27,31 +26,32 @@ class OneShotRecipe(LoraRecipe):
         late_grace: float = 0.0,
         timeout: float | None = None,
         evaluate_global: bool = False,
-        model: str | None = None,
-        **kwargs,
+        **common,
     ):
-        """Args: as LoraRecipe (sites, model, data, seed, launch_external_process, ...), plus
-        min_sites (default: all sites), deadline, late_grace, timeout, evaluate_global as in
-        ``OneShotController``."""
+        """Args: those of SiteRecipe, less num_rounds, min_clients, clients_per_round and
+        checkpoint_dir (one round; the global is persisted after every arrival), plus min_sites
+        (default: all sites), deadline, late_grace, timeout, evaluate_global as in OneShotController."""
+        for key in ("num_rounds", "min_clients", "clients_per_round", "checkpoint_dir"):
+            if common.get(key) not in (None, "", 1 if key == "num_rounds" else None):
+                raise ConfigError(f"{key}: not an option of the one-shot job (one round; min_sites, deadline "
+                                  f"and late_grace decide when it ends), got {common[key]!r}")
+            common.pop(key, None)
         min_sites = len(sites) if min_sites is None else min_sites
         try:
             check_one_shot_options(method, len(sites), min_sites, deadline, late_grace, timeout)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        configs = {site: SiteConfig.from_dict(dict(cfg), site) for site, cfg in sites.items()}
-        controller = OneShotController(
-            method=method,
-            sites=list(sites),
-            min_sites=min_sites,
-            deadline=deadline,
-            late_grace=late_grace,
-            timeout=timeout,
-            evaluate_global=evaluate_global,
-            site_configs={s: {"rank": c.rank, "alpha": c.alpha} for s, c in configs.items()},
-            base_model=model or "",
-            he=kwargs.get("he", False),
-            he_context=he_server_context(kwargs.get("he_context_dir")),
-        )
-        self.deadline, self.late_grace, self.min_sites = deadline, late_grace, min_sites
-        super().__init__(sites=sites, name=name, method=method, num_rounds=1, min_clients=min_sites,
-                         model=model, controller=controller, **kwargs)
+        self.method = method
+        self.min_sites, self.deadline, self.late_grace, self.timeout = min_sites, deadline, late_grace, timeout
+        self.evaluate_global = evaluate_global
+        super().__init__(sites=sites, name=name, num_rounds=1, min_clients=min_sites, **common)
+
+    def make_controller(self, configs: Mapping[str, SiteConfig], workflow_args: dict):
+        return OneShotController(method=self.method, sites=list(configs), deadline=self.deadline,
+                                 late_grace=self.late_grace, timeout=self.timeout,
+                                 evaluate_global=self.evaluate_global,
+                                 site_configs={s: {"rank": c.rank, "alpha": c.alpha} for s, c in configs.items()},
+                                 **{k: v for k, v in workflow_args.items() if k not in ("clients_per_round", "checkpoint_dir")})
+
+    def site_args(self, site: str, index: int, seed: int) -> list[str]:
+        return ["--method", self.method]

@@ -21,7 +21,11 @@ import argparse
 import json
 import os
 
-SERVER_ALLOW = ("flare_lora.components.flare.controller.LoraController",)
+SERVER_ALLOW = (  # the workflows of the LoRA, one-shot and selective-layer jobs
+    "flare_lora.components.flare.controller.LoraController",
+    "flare_lora.components.flare.one_shot_controller.OneShotController",
+    "flare_lora.components.flare.selective_controller.SelectiveController",
+)
 CLIENT_ALLOW = ("flare_lora.components.flare.restarting_executor.RestartingExecutor",)
 # client side, one per job option that adds a site filter
 NOISE_MASK_ALLOW = ("flare_lora.components.flare.noise_mask.NoiseMaskFilter",)  # --mask-rho

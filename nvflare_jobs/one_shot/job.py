@@ -20,7 +20,7 @@ import sys
 
 from flare_lora.components.flare.job_cli import add_common_args, build_sites, make_env, run_recipe, save_merged_weights, site_recipe_kwargs
 from flare_lora.components.flare.one_shot_recipe import OneShotRecipe
-from flare_lora.components.methods import ONE_SHOT_METHODS
+from flare_lora.components.strategies import ONE_SHOT_METHODS
 
 FULL_LR = 5e-5  # every weight moves: LoRA's default 5e-4 is too large for full fine-tuning
 

@@ -26,6 +26,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 
+from flare_lora.components.adapter_export import write_model
 from flare_lora.privacy.he_aggregate import decrypt_payload
 from flare_lora.privacy.he_context import CLIENT_CONTEXT, Ckks, HEContextError, load_context
 from flare_lora.privacy.he_packing import HE_KEY, encrypt_state
@@ -98,22 +99,7 @@ class HEDecryptFilter(_SiteHE):
         """The final plaintext model, in this site's run directory."""
         workspace = fl_ctx.get_engine().get_workspace()
         out = os.path.join(workspace.get_run_dir(fl_ctx.get_job_id()), RESULTS_DIRNAME)
-        if final.get("writer") == "full":
-            from safetensors.torch import save_file
-
-            os.makedirs(out, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "global.safetensors"))
-            written = {"full_weights": os.path.join(out, "global.safetensors")}
-        elif final.get("writer") == "layers":
-            from flare_lora.components.flare.selective_controller import save_global_layers
-
-            written = save_global_layers(out, state, final["mode"], final["num_layers"], final["scaling"],
-                                         final.get("base_model", ""))
-        else:
-            from flare_lora.components.adapter_export import save_adapter
-
-            written = {"adapter": save_adapter(os.path.join(out, "adapter"), state, final["scaling"],
-                                               final.get("base_model", ""))}
+        written = write_model(out, state, final)
         self.log_info(fl_ctx, f"HE: decrypted final model written at this site: {written}")
 
 

@@ -1,0 +1,259 @@
+"""``SiteRecipe``: the Recipe core every flare-lora job specialises.
+
+It validates what every job shares before anything starts (site, key, expected vs got), then
+wires the job's server workflow and, per site, the shared client script (a training process,
+started again if it dies) with that site's own settings, and the privacy filters the job asks
+for: client-level DP on what leaves a site, and HE (added last, so encryption sees what DP
+produced). A job supplies its controller, its sites' extra script arguments and its own checks.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+
+from nvflare.app_common.executors.client_api_executor import ExecutionMode
+from nvflare.client.config import ExchangeFormat
+from nvflare.fuel.utils.constants import FrameworkType
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.file_source import FileSource
+from nvflare.job_config.script_runner import ScriptRunner
+from nvflare.recipe.spec import Recipe
+
+from flare_lora.components.data.site_data import load_site_data
+from flare_lora.components.flare.restarting_executor import RestartingExecutor
+from flare_lora.components.flare.site_args import to_args
+from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.privacy.dp_config import plan_dp_steps
+from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
+from flare_lora.privacy.flare.he_filters import add_he_filters
+from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, he_server_context
+
+CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_train.py")  # a path: importing it would load the trainer
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(CLIENT_SCRIPT)))  # .../flare_lora
+CLIENT_MODULE = "flare_lora.components.flare.client_train"
+INSTALLED_PACKAGES = ("flare_lora",)  # what `pip install flare-lora` puts on a site
+
+
+class SiteRecipe(Recipe):
+    """Args every job takes:
+    sites: {site name: per-site config} (keys of SiteConfig: rank, alpha, target_modules, lr,
+        local_steps, batch_size, grad_accum, threads, dp_*, ...). Order fixes each site's index.
+    num_rounds / min_clients / clients_per_round: rounds; fewest valid results a round needs
+        (default: all sites, or clients_per_round); sites sampled per round.
+    model: local model dir (safetensors or GGUF) or None for the embedded SmolLM2-135M.
+    data: dir with one ``<site>.jsonl`` per site, or None for the embedded tasks.
+    launch_external_process: run the client script as its own process (default) or in the
+        FLARE client process. command: how a site starts it (the interpreter; ``... -m
+        torch.distributed.run --nproc_per_node=N`` for N DDP processes per site).
+    site_scripts: {site: script path} for sites that bring their own training code speaking
+        the same protocol (they receive the same arguments as the shared client script).
+    byoc: False makes a job without code: sites run the pip-installed flare-lora
+        (``python -m flare_lora.components.flare.client_train``) and must allow its classes
+        instead of granting the "byoc" right (site_policy.py).
+    client_dp: if set, every site clips and noises its update before upload
+        (privacy/flare/client_dp_filter.py): {"clip": C, "sigma": σ, "delta": δ, "epsilon_max": ε}.
+        Sample-level DP-SGD is per-site config instead (the ``dp_*`` keys; docs/dp.md).
+    he / he_context_dir: homomorphic-encrypted aggregation (docs/he.md); contexts come from the
+        startup kits (FLARE's HEBuilder), or from he_context_dir (simulator, test-only).
+    max_trainer_restarts: how often per job a site launches a new training process after its
+        last one died (restarting_executor.py); 0: never.
+    seed, task_timeout, wait_for_clients_timeout, checkpoint_dir, max_result_bytes: those of the
+        server workflow (workflow.py).
+    """
+
+    he_tasks: tuple[str, ...] = ("train", "validate")  # tasks whose data carries the (encrypted) global
+
+    def __init__(
+        self,
+        *,
+        sites: Mapping[str, Mapping],
+        name: str,
+        num_rounds: int = 3,
+        min_clients: int | None = None,
+        clients_per_round: int | None = None,
+        model: str | None = None,
+        data: str | None = None,
+        seed: int = 0,
+        launch_external_process: bool = True,
+        command: str = "python3 -u",
+        task_timeout: int = 0,
+        wait_for_clients_timeout: float = 300.0,
+        site_scripts: Mapping[str, str] | None = None,
+        checkpoint_dir: str = "",
+        max_result_bytes: int = 0,
+        byoc: bool = True,
+        client_dp: Mapping | None = None,
+        he: bool = False,
+        he_context_dir: str | None = None,
+        max_trainer_restarts: int = 3,
+    ):
+        if not sites:
+            raise ConfigError("sites: expected at least one site, got none")
+        check_positive("num_rounds", num_rounds)
+        check_restarts(max_trainer_restarts)
+        if he and checkpoint_dir:
+            raise ConfigError("checkpoint_dir: checkpoints hold plaintext rounds; not available with he")
+        if not isinstance(max_result_bytes, int) or max_result_bytes < 0:
+            raise ConfigError(f"max_result_bytes: expected an integer >= 0, got {max_result_bytes!r}")
+        if not isinstance(task_timeout, int) or task_timeout < 0:
+            raise ConfigError(f"task_timeout: expected an integer >= 0 (seconds), got {task_timeout!r}")
+        for context in (SERVER_CONTEXT, CLIENT_CONTEXT) if he_context_dir else ():
+            if not os.path.isfile(os.path.join(he_context_dir, context)):
+                raise FileNotFoundError(f"he_context_dir: {os.path.join(he_context_dir, context)} not found")
+        unknown = sorted(set(site_scripts or {}) - set(sites))
+        if unknown:
+            raise ConfigError(f"site_scripts: site {unknown[0]!r} is not a site of this job {list(sites)}")
+        min_clients = check_participation(len(sites), min_clients, clients_per_round)
+        check_paths(model=model, data=data)
+        if not byoc and (not launch_external_process or site_scripts):
+            raise ConfigError("byoc: a job without code needs launch_external_process=True and no site_scripts")
+        if not launch_external_process:
+            for label, path in (("model", model), ("data", data)):
+                if path and any(c.isspace() for c in path):
+                    raise ConfigError(f"{label}: in-process mode cannot pass a path with spaces: {path!r}")
+        configs = {site: SiteConfig.from_dict(self.site_settings(site, dict(cfg)), site) for site, cfg in sites.items()}
+        self.check(configs, num_rounds=num_rounds, he=he)
+        if data and os.path.isdir(data):  # local data (simulator, POC): bad files fail before the job starts
+            for index, site in enumerate(configs):
+                load_site_data(data, site, index, seed=configs[site].seed)
+        dp_filter = ClientDPFilter(**dict(client_dp)) if client_dp is not None else None  # validates
+        configs = plan_dp_steps(configs, num_rounds)
+        self.sites = {s: c.to_dict() for s, c in configs.items()}
+        self.num_rounds = num_rounds
+        workflow_args = dict(
+            min_clients=min_clients, clients_per_round=clients_per_round, seed=seed, task_timeout=task_timeout,
+            wait_for_clients_timeout=wait_for_clients_timeout, base_model=model or "",
+            max_result_bytes=max_result_bytes, checkpoint_dir=checkpoint_dir, he=he,
+            he_context=he_server_context(he_context_dir),
+        )
+        job = FedJob(name=name, min_clients=min_clients)
+        job.to_server(self.make_controller(configs, workflow_args), id="controller")
+        if not byoc:  # the sites' installed packages provide this code: copy none of it into the job
+            job.set_app_packages(list(INSTALLED_PACKAGES))
+        shared_script = client_script()
+        for index, (site, cfg) in enumerate(self.sites.items()):
+            args = [*self.site_args(site, index, seed), "--site-index", str(index)]
+            args += ["--model", model] if model else []
+            args += ["--data", os.path.abspath(data)] if data else []
+            args += ["--site-config", *to_args(cfg)]
+            script = None if not byoc else (site_scripts or {}).get(site) or shared_script
+            add_site_trainer(job, site, args, script=script, command=command,
+                             launch_external_process=launch_external_process, max_restarts=max_trainer_restarts)
+        super().__init__(job)
+        self.add_site_filters(seed)
+        if dp_filter is not None:  # site side: the server sees only clipped and noised changes
+            self.add_client_output_filter(dp_filter, tasks=["train"])
+        if he:  # added last, so that encryption sees what DP and the mask produced
+            add_he_filters(self, he_context_dir, self.he_tasks)
+
+    # --- what a job supplies -------------------------------------------------------------
+
+    def site_settings(self, site: str, settings: dict) -> dict:
+        """A site's settings as SiteConfig takes them (a job may take its own keys out first)."""
+        return settings
+
+    def check(self, configs: Mapping[str, SiteConfig], *, num_rounds: int, he: bool) -> None:
+        """The job's own configuration checks (raise ConfigError naming site and key)."""
+
+    def make_controller(self, configs: Mapping[str, SiteConfig], workflow_args: dict):
+        raise NotImplementedError
+
+    def site_args(self, site: str, index: int, seed: int) -> list[str]:
+        """The job's arguments of a site's client script (before the shared ones)."""
+        raise NotImplementedError
+
+    def add_site_filters(self, seed: int) -> None:
+        """Filters of the job's own before the privacy filters (the noise mask)."""
+
+
+def client_script() -> str:
+    """CLIENT_SCRIPT, or a copy of it where FLARE will put it where ScriptRunner looks for it.
+
+    ScriptRunner starts ``custom/<basename>``, but the job export copies the script to custom/ at
+    its path relative to the deepest ``sys.path`` entry that holds it (site-packages, for the
+    installed package), and every site would fail to start; a copy in a directory off sys.path is
+    copied to ``custom/client_train.py``. (The script only imports the package, so the copy runs
+    the same code.)
+    """
+    here = os.path.dirname(os.path.realpath(CLIENT_SCRIPT))
+    roots = {os.path.realpath(p or os.curdir) for p in sys.path}
+    if here in roots or not any(here.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        return CLIENT_SCRIPT
+    copy = os.path.join(tempfile.mkdtemp(prefix="flare_lora_client_"), os.path.basename(CLIENT_SCRIPT))
+    shutil.copyfile(CLIENT_SCRIPT, copy)
+    return copy
+
+
+def add_site_trainer(job: FedJob, site: str, args: list[str], *, script: str | None, command: str = "python3 -u",
+                     launch_external_process: bool = True, max_restarts: int = 3) -> None:
+    """One site's client script under FLARE's Client API, tensors exchanged as PyTorch.
+
+    ``script``: a script the job carries (BYOC), or None for the pip-installed client module.
+    External process (default): started by ``command``, and started again at the next task after
+    it died (RestartingExecutor). Otherwise in the FLARE client process (nvflare's ScriptRunner).
+    A BYOC job carries the whole ``flare_lora`` package (its filters too): FLARE's copy of the
+    modules its components import would otherwise be a partial package shadowing the installed one.
+    """
+    if not launch_external_process:  # adds the script to the job too
+        job.to(ScriptRunner(script=script, script_args=" ".join(args), framework=FrameworkType.PYTORCH,
+                            server_expected_format=ExchangeFormat.PYTORCH), site)
+    else:
+        if script is None:
+            entry = ["-m", CLIENT_MODULE]
+        else:  # where the job export puts the script (as ScriptRunner has it)
+            entry = [f"custom/{os.path.basename(script) if os.path.isabs(script) else script}"]
+            job.to(script, site)
+        job.to(RestartingExecutor(
+            execution_mode=ExecutionMode.EXTERNAL_PROCESS,
+            command=[*shlex.split(command), *entry, *args],
+            params_exchange_format=ExchangeFormat.PYTORCH,
+            server_expected_format=ExchangeFormat.PYTORCH,
+            max_restarts=max_restarts,
+        ), site)
+    if script is not None:
+        job.to(FileSource(PACKAGE_DIR, dest_dir="flare_lora", app_folder_type="custom"), site)
+
+
+def check_restarts(max_trainer_restarts) -> None:
+    if not isinstance(max_trainer_restarts, int) or isinstance(max_trainer_restarts, bool) or max_trainer_restarts < 0:
+        raise ConfigError(f"max_trainer_restarts: expected an integer >= 0, got {max_trainer_restarts!r}")
+
+
+def check_participation(num_sites: int, min_clients: int | None, clients_per_round: int | None) -> int:
+    """Validated min_clients (default: all sites, or clients_per_round when sampling)."""
+    if clients_per_round is not None:
+        check_positive("clients_per_round", clients_per_round)
+    min_clients = min_clients if min_clients is not None else min(clients_per_round or num_sites, num_sites)
+    check_positive("min_clients", min_clients)
+    if min_clients > num_sites:
+        raise ConfigError(f"min_clients: expected <= number of sites ({num_sites}), got {min_clients}")
+    return min_clients
+
+
+def check_paths(**paths: str | None) -> None:
+    """A local path that does not exist fails before the job starts (hub ids have no separator)."""
+    for label, path in paths.items():
+        if path and os.path.sep in path and not os.path.exists(path):
+            raise FileNotFoundError(f"{label} directory not found: {path}")
+
+
+def check_positive(key: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
+
+
+def check_same(configs: Mapping[str, SiteConfig], keys, why: str, hint: str) -> None:
+    """Methods that combine sites' tensors elementwise need these keys equal at every site."""
+    first_site, first = next(iter(configs.items()))
+    for site, cfg in configs.items():
+        for key in keys:
+            if getattr(cfg, key) != getattr(first, key):
+                raise ConfigError(
+                    f"site {site!r}: key {key!r}: {why} needs the same value at every site "
+                    f"(expected {getattr(first, key)!r} as at {first_site!r}, got {getattr(cfg, key)!r}); {hint}"
+                )

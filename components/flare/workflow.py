@@ -1,0 +1,248 @@
+"""``FederatedWorkflow``: the server workflow core every flare-lora job specialises.
+
+It owns what the LoRA-rounds, one-shot and selective-layer controllers share: the aggregator
+(plaintext, or encrypted when ``he`` is on: the only place HE is decided), sampling among the
+sites FLARE has not declared dead, sending tasks and waiting with a timeout, the result size cap,
+vetting every site result so that any exception from one site's data rejects that result (logged,
+the round goes on), failing the job with the reason when fewer than ``min_clients`` valid results
+remain, atomic results writing, and checkpoint/resume. A job's controller supplies ``workflow()``
+and, where it needs them, the checkpoint's identity and extra state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
+from nvflare.fuel.utils import fobs
+
+from flare_lora.components.flare.checkpoint import CheckpointError, Resumed, RoundCheckpoint
+from flare_lora.components.flare.nvflare_compat import task_check_period
+from flare_lora.privacy.he_context import SERVER_CONTEXT, HEContextError
+from flare_lora.privacy.he_server import open_server_context
+
+RESULTS_DIRNAME = "flare_lora"
+
+
+class JobFailed(Exception):
+    """The workflow cannot go on; the message is the reason the job fails with."""
+
+
+class FederatedWorkflow(ModelController):
+    def __init__(
+        self,
+        min_clients: int = 1,
+        clients_per_round: int | None = None,
+        seed: int = 0,
+        task_timeout: int = 0,
+        wait_for_clients_timeout: float = 300.0,
+        server_threads: int | None = 1,
+        base_model: str = "",
+        max_result_bytes: int = 0,
+        checkpoint_dir: str = "",
+        he: bool = False,
+        he_context: str = SERVER_CONTEXT,
+    ):
+        """Args shared by every job's controller:
+        min_clients: fewest valid results a round needs; fewer fails the job with the reason.
+        clients_per_round: sites sampled per round (None: every live site).
+        seed: the sampling RNG's seed.
+        task_timeout: seconds a task waits for a live site (0: until it answers or FLARE declares it dead).
+        wait_for_clients_timeout: seconds to wait for min_clients sites to connect.
+        server_threads: torch threads of the server (None: leave as is). Aggregation is memory-bound
+            copies that one thread saturates; more only add barriers when cores are shared.
+        base_model: the model path or id the sites load (recorded in the exported adapter).
+        max_result_bytes: if > 0, a site result larger than this on the wire is rejected.
+        checkpoint_dir: if set, the global state is saved there after every round (relative paths
+            are under the server's workspace), and a job started on a checkpoint of the same job
+            continues after its last completed round (checkpoint.py). Not with he.
+        he: aggregate ciphertexts (privacy/he_server.py, docs/he.md): sites encrypt, this server
+            combines with public weights and holds no secret key; its copy of the global stays
+            encrypted and the sites write the final model.
+        he_context: the server's context: a file in its startup kit (HEBuilder's
+            server_context.tenseal) or an absolute path (simulator contexts, test-only).
+        """
+        super().__init__(persistor_id="", ignore_result_error=True)
+        if he and checkpoint_dir:
+            raise ValueError("checkpoint_dir: checkpoints hold plaintext rounds; not available with he")
+        # FLARE's job export reads constructor args back from same-named attributes
+        self.min_clients = min_clients
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.task_timeout = task_timeout
+        self.wait_for_clients_timeout = wait_for_clients_timeout
+        self.server_threads = server_threads
+        self.base_model = base_model
+        self.max_result_bytes = max_result_bytes
+        self.checkpoint_dir = checkpoint_dir
+        self.he = he
+        self.he_context = he_context
+
+    # --- what a job supplies -------------------------------------------------------------
+
+    def new_log(self) -> dict:
+        """The results log's first entries (method, options)."""
+        raise NotImplementedError
+
+    def make_aggregator(self, ckks):
+        """The job's aggregator: plaintext when ``ckks`` is None, else the encrypted one."""
+        raise NotImplementedError
+
+    def workflow(self) -> None:
+        """The job's rounds; raise JobFailed to fail the job with a reason."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What a checkpoint must share with this job to be resumed by it."""
+        raise NotImplementedError
+
+    # --- the run -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        fobs.register(TensorDecomposer)
+        if self.server_threads:
+            torch.set_num_threads(self.server_threads)
+        self.out = os.path.join(self.get_run_dir(), RESULTS_DIRNAME)
+        os.makedirs(self.out, exist_ok=True)
+        self.log = {**self.new_log(), "rounds": [], "final": {}}
+        self.rng = random.Random(self.seed)
+        self.down: set[str] = set()  # sites FLARE declared dead in this job
+        try:
+            ckks = open_server_context(self.he_context, self.fl_ctx) if self.he else None
+            self.aggregator = self.make_aggregator(ckks)
+        except (HEContextError, ValueError) as e:
+            self.fail(f"HE: {e}")
+            return
+        if self.aggregator.describe():
+            self.log["he"] = self.aggregator.describe()
+        try:
+            self.workflow()
+        except (JobFailed, CheckpointError) as e:
+            self.fail(str(e))
+
+    def fail(self, reason: str) -> None:
+        self.log["error"] = reason
+        self.write_json("metrics.json", self.log)
+        self.panic(reason)
+
+    def write_json(self, name: str, data: dict) -> None:
+        """Atomically: a reader (or a crash) never sees half a file."""
+        tmp = os.path.join(self.out, name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(self.out, name))
+
+    # --- sites ---------------------------------------------------------------------------
+
+    def live_clients(self, rnd: int) -> list[str]:
+        """The job's sites, less those FLARE declared dead: a task sent there would never run."""
+        clients = sorted(c.name for c in self.engine.get_clients())
+        down = {c for c in clients if self.communicator.get_client_disconnect_time(c)}
+        if down - self.down:
+            self.warning(f"round {rnd}: skipping site(s) FLARE declared disconnected: {sorted(down - self.down)}")
+        self.down |= down
+        return [c for c in clients if c not in down]
+
+    def wait_for(self, rnd: int, enough: Callable[[list[str]], bool], what: str) -> list[str]:
+        """The live sites once ``enough`` of them are connected; JobFailed after the wait timeout."""
+        deadline = time.time() + self.wait_for_clients_timeout
+        while True:
+            clients = self.live_clients(rnd)
+            if enough(clients):
+                return clients
+            if time.time() > deadline or self.abort_signal.triggered:
+                raise JobFailed(f"round {rnd}: only {len(clients)} site(s) connected {clients}, {what} "
+                                f"(waited {self.wait_for_clients_timeout:.0f}s)")
+            time.sleep(1.0)
+
+    def sample(self, rnd: int) -> list[str]:
+        """This round's sites: every live one, or clients_per_round of them (at least min_clients)."""
+        clients = self.wait_for(rnd, lambda c: len(c) >= self.min_clients, f"min_clients={self.min_clients}")
+        k = self.clients_per_round
+        return clients if not k or k >= len(clients) else sorted(self.rng.sample(clients, max(k, self.min_clients)))
+
+    def require(self, rnd: int, valid: list[str], candidates: list[str], what: str = "valid update(s)") -> None:
+        """JobFailed unless at least min_clients of the round's results are valid."""
+        if len(valid) < self.min_clients:
+            raise JobFailed(f"round {rnd}: {len(valid)} {what} from {valid}, min_clients={self.min_clients}; "
+                            f"rejected or missing: {sorted(set(candidates) - set(valid))}")
+
+    # --- tasks and results ---------------------------------------------------------------
+
+    def receive(self, result: FLModel, record: dict, meta_keys=()) -> tuple[str, dict]:
+        """Book one arriving result into ``record``: its bytes, metrics and ``meta_keys``; a result
+        above max_result_bytes loses its params here (rejected when vetted)."""
+        meta = result.meta if isinstance(result.meta, Mapping) else {}
+        site = str(meta.get("client_name", "?"))
+        entry = record["sites"].setdefault(site, {})
+        entry["upload_bytes"] = wire_bytes(result)
+        if self.max_result_bytes and entry["upload_bytes"] > self.max_result_bytes:
+            result.params = None  # do not hold an oversized payload until it is vetted
+            entry["oversized"] = True
+        entry["metrics"] = dict(result.metrics) if isinstance(result.metrics, Mapping) else {}
+        for key in meta_keys:
+            if key in meta:
+                entry[key] = meta[key]
+        return site, entry
+
+    def send(self, task: str, data: FLModel, targets: list[str], record: dict, callback) -> None:
+        nbytes = wire_bytes(data)
+        for site in targets:
+            record["sites"].setdefault(site, {})["download_bytes"] = nbytes
+        self.send_model(task_name=task, data=data, targets=targets, timeout=self.task_timeout, callback=callback)
+
+    def wait_tasks(self) -> None:
+        while self.get_num_standing_tasks() and not self.abort_signal.triggered:
+            time.sleep(task_check_period(self))
+
+    def vet(self, rnd: int, site: str, entry: dict, check: Callable[[], object], what: str = "update"):
+        """``check()``'s value, or None when it raises: any exception from one site's data rejects
+        that result (logged with the reason), never the round."""
+        if entry.get("oversized"):
+            reason = f"result of {entry['upload_bytes']} bytes exceeds max_result_bytes={self.max_result_bytes}"
+        else:
+            try:
+                return check()
+            except Exception as e:  # noqa: BLE001 - a site's data must not end the job
+                reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+        self.error(f"round {rnd}: rejected {what} from {site}: {reason}")
+        entry["rejected"] = reason
+        return None
+
+    # --- checkpoint ----------------------------------------------------------------------
+
+    def open_checkpoint(self) -> tuple[RoundCheckpoint | None, Resumed | None]:
+        """The checkpoint (if configured) and what it holds for this job (None: start at round 0)."""
+        if not self.checkpoint_dir:
+            return None, None
+        directory = os.path.join(self.engine.get_workspace().get_root_dir(), self.checkpoint_dir)
+        checkpoint = RoundCheckpoint(directory)  # an absolute checkpoint_dir wins in os.path.join
+        if not checkpoint.exists():
+            self.info(f"checkpoint {directory}: none yet, starting at round 0")
+            return checkpoint, None
+        saved = checkpoint.load(self.identity())  # CheckpointError names the mismatching key
+        self.log["rounds"] = saved.records
+        self.log["resumed"] = {"from_round": len(saved.rounds), "checkpoint": directory}
+        version, internal, gauss = saved.extra["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.info(f"checkpoint {directory}: resuming after {len(saved.rounds)} completed round(s)")
+        return checkpoint, saved
+
+    def save_checkpoint(self, checkpoint: RoundCheckpoint | None, rounds: list, extra: dict) -> None:
+        if checkpoint is None:
+            return
+        version, internal, gauss = self.rng.getstate()
+        checkpoint.save(self.identity(), rounds, self.log["rounds"], {"rng": [version, list(internal), gauss], **extra})
+
+
+def wire_bytes(model: FLModel) -> int:
+    """Bytes of the message as FLARE's serializer (fobs, tensors via safetensors) encodes it."""
+    return len(fobs.dumps(FLModelUtils.to_shareable(model)))

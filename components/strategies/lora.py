@@ -1,0 +1,231 @@
+"""The LoRA strategies: FLoRA stacking, FedIT, zero-padding (HetLoRA) and FedCDD.
+
+Wire format of a global payload (``FLModel.params``): a flat dict of tensors. FLoRA sends every
+stacked round the site has not merged yet, keyed ``"r<round>/<lora key>"``; FedIT, zero-pad and
+FedCDD send the current global adapter under its plain LoRA keys (docs/design.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from torch import Tensor
+
+from flare_lora.components.algorithms.averaging import fedit, zero_pad
+from flare_lora.components.algorithms.consensus_divergence import (
+    DEFAULT_TEMPERATURE,
+    check_options,
+    fedcdd_aggregate,
+)
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, InvalidUpdate
+from flare_lora.components.algorithms.merge import merge_rounds_into
+from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
+from flare_lora.components.algorithms.stacking import concat_lora, stack_lora
+from flare_lora.components.strategies.base import SiteUpdate, check_one_scaling, pack_rounds, unpack_rounds
+from flare_lora.components.training.lora import base_weights, load_lora_state, reset_lora
+
+
+class FLoRA:
+    """Exact stacking: the server keeps every round's stacked factors; sites merge them into W."""
+
+    name = "flora"
+    lora = True
+    site_specific_init = True  # each site starts each round from its own random A
+
+    def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
+        """Stacking takes any mix of ranks and alphas."""
+
+    def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
+        return stack_lora(
+            [u.state for u in updates], [u.num_examples for u in updates], [u.scaling for u in updates]
+        )
+
+    @staticmethod
+    def payload(rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
+        """Every stacked round a site that merged ``merged_rounds`` rounds still lacks."""
+        return pack_rounds({r: rounds[r] for r in range(merged_rounds, len(rounds))})
+
+    @staticmethod
+    def final(rounds: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], float]:
+        """All rounds folded into one adapter, applied with scaling 1."""
+        done = [r for r in rounds if r]
+        return (concat_lora(done) if done else {}), 1.0
+
+    @staticmethod
+    def install(peft_model, params: Mapping[str, Tensor], merged_rounds: int, seed: int) -> int:
+        """Merge the rounds a site lacks into its base weights, then start a fresh LoRA.
+
+        New rounds must continue at ``merged_rounds``; every site adds the same factors in the same
+        order, so all sites end with bit-identical base weights. Returns the new merged count.
+        """
+        # rounds the site already merged (its last report got lost) are skipped, not re-added
+        rounds = {r: s for r, s in unpack_rounds(params).items() if r >= merged_rounds}
+        expected = list(range(merged_rounds, merged_rounds + len(rounds)))
+        if list(rounds) != expected:
+            raise InvalidUpdate(f"catch-up rounds {list(rounds)} do not continue merged round count {merged_rounds}")
+        merge_rounds_into(base_weights(peft_model), [s for s in rounds.values() if s])
+        reset_lora(peft_model, seed)
+        return merged_rounds + len(rounds)
+
+    def fold(self) -> StackFold:
+        return StackFold()
+
+
+class _Averaging:
+    """Shared halves of the methods whose global is one adapter that sites keep training."""
+
+    lora = True
+    scaling = 1.0  # scaling the global adapter is applied with
+    site_specific_init = False  # round 0: every site must start from the same adapter
+
+    def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
+        """Any mix of ranks (the global is applied with scaling 1)."""
+
+    @staticmethod
+    def payload(rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
+        return dict(rounds[-1]) if rounds else {}
+
+    def final(self, rounds: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], float]:
+        return (dict(rounds[-1]) if rounds else {}), self.scaling
+
+    def install(self, peft_model, params: Mapping[str, Tensor], merged_rounds: int, seed: int) -> int:
+        """Load the global adapter (round 0: a seed-shared init, so every site starts equal)."""
+        if params:
+            load_lora_state(peft_model, self.local_state(params, peft_model))
+        elif merged_rounds == 0:
+            reset_lora(peft_model, seed)
+        return merged_rounds + (1 if params else 0)
+
+    def fold(self):
+        raise ValueError(f"method {self.name!r}: no one-shot fold (one-shot methods: flora, fedit, full)")
+
+    @staticmethod
+    def local_state(global_state: Mapping[str, Tensor], peft_model) -> dict[str, Tensor]:
+        """A site of rank r and scaling s installs A_g[:r] and B_g[:, :r] / s (s folded into B)."""
+        cfg = peft_model.peft_config["default"]
+        rank, scaling = cfg.r, cfg.lora_alpha / cfg.r
+        return {
+            k: (v[:rank].clone() if k.endswith(LORA_A_SUFFIX) else v[:, :rank] / scaling)
+            for k, v in global_state.items()
+        }
+
+
+class FedIT(_Averaging):
+    """Weighted mean of A's and of B's: inexact for the product; needs equal ranks and alphas."""
+
+    name = "fedit"
+
+    def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
+        check_one_scaling(update, accepted, self.name)
+
+    def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
+        for i, update in enumerate(updates):
+            self.check(update, updates[:i])
+        self.scaling = updates[0].scaling
+        return fedit([u.state for u in updates], [u.num_examples for u in updates])
+
+    def fold(self) -> AverageFold:
+        return AverageFold(self)
+
+    @staticmethod
+    def local_state(global_state: Mapping[str, Tensor], peft_model) -> dict[str, Tensor]:
+        return dict(global_state)
+
+
+class ZeroPad(_Averaging):
+    """HetLoRA zero-padding to the largest rank; the global is applied with scaling 1."""
+
+    name = "zero_pad"
+
+    def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
+        return zero_pad(
+            [u.state for u in updates], [u.num_examples for u in updates], [u.scaling for u in updates]
+        )
+
+
+@dataclass(frozen=True)
+class FedCDDOptions:
+    """FedCDD's options (docs/fedcdd.md): the ablation variant and those of ``fedcdd_aggregate``."""
+
+    variant: str = "full"  # "full" | "consensus" (consensus magnitude only) | "divergence" (direction only)
+    temperature: float = DEFAULT_TEMPERATURE
+    weighting: str = "uniform"
+    similarity: str = "uniqueness"
+    axis: str = "column"
+    target: str = "factors"  # "factors" (one rank) | "delta" (ΔW = s B A re-factorised: any ranks)
+    rank: int | None = None
+
+    def __post_init__(self):
+        if self.variant not in FedCDD.VARIANTS:
+            raise ValueError(f"variant: expected one of {list(FedCDD.VARIANTS)}, got {self.variant!r}")
+        check_options(**{k: v for k, v in asdict(self).items() if k != "variant"})
+
+
+class FedCDD(_Averaging):
+    """Consensus-divergence decoupled aggregation (flare_lora.components.algorithms.consensus_divergence).
+
+    Server: per LoRA matrix, consensus column magnitudes (weighted mean of the sites' column
+    norms) times divergence directions (unit columns combined with duplicate-robust similarity
+    weights). Sites keep training the global adapter, as with FedIT. The global is applied with
+    scaling 1 (s_k folded into B); a site installs A_g[:r] and B_g[:, :r] / s, as with
+    zero-padding. target "factors" needs one rank across sites; "delta" takes any ranks.
+    """
+
+    name = "fedcdd"
+    VARIANTS = {"full": (True, True), "consensus": (True, False), "divergence": (False, True)}
+
+    def __init__(self, options: FedCDDOptions | None = None):
+        self.options = options or FedCDDOptions()
+
+    def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
+        consensus, divergence = self.VARIANTS[self.options.variant]
+        kwargs = {k: v for k, v in asdict(self.options).items() if k != "variant"}
+        return fedcdd_aggregate(
+            [u.state for u in updates],
+            [u.num_examples for u in updates],
+            scalings=[u.scaling for u in updates],
+            consensus=consensus,
+            divergence=divergence,
+            **kwargs,
+        )
+
+
+class StackFold:
+    """One-shot FLoRA: incremental stacking in site-name order (any ranks), applied with scaling 1."""
+
+    def __init__(self):
+        self._stack = OnlineStack()
+
+    @property
+    def sites(self) -> list[str]:
+        return self._stack.sites
+
+    def add(self, update: SiteUpdate) -> None:
+        self._stack.add(update.state, update.num_examples, update.scaling, update.site, rank=update.rank)
+
+    def result(self) -> tuple[dict[str, Tensor], float]:
+        return self._stack.result(), 1.0
+
+
+class AverageFold:
+    """One-shot running weighted average of what the sites send (FedIT factors, or full weights)."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self._average = OnlineAverage()
+        self._accepted: list[SiteUpdate] = []
+
+    @property
+    def sites(self) -> list[str]:
+        return self._average.sites
+
+    def add(self, update: SiteUpdate) -> None:
+        self.strategy.check(update, self._accepted)
+        self._average.add(update.state, update.num_examples, update.site)
+        self._accepted.append(update)
+
+    def result(self) -> tuple[dict[str, Tensor], float | None]:
+        if not self.strategy.lora:
+            return self._average.result(), None
+        return self._average.result(), (self._accepted[0].scaling if self._accepted else 1.0)
