@@ -1,4 +1,6 @@
-"""End to end: real FLARE simulator jobs (nvflare_jobs/flora/job.py) on a tiny random Llama."""
+"""End to end: real FLARE simulator jobs (nvflare_jobs/flora/job.py) on a tiny random Llama.
+
+The job tests are marked e2e; the recipe's configuration checks (no FLARE process) are not."""
 
 import subprocess
 import sys
@@ -9,9 +11,8 @@ from sim_jobs import final_digests, run_job, stacked_ranks
 
 from flare_lora.components.report import per_round
 
-pytestmark = pytest.mark.e2e
 
-
+@pytest.mark.e2e
 def test_flora_heterogeneous_ranks_external_process(tmp_path, tiny_model_dir):
     log, results, proc = run_job(tmp_path, tiny_model_dir, "--ranks", "2,4,8", "--rounds", "2", "--save-merged")
     assert log["method"] == "flora" and len(log["rounds"]) == 2
@@ -42,6 +43,7 @@ def test_flora_heterogeneous_ranks_external_process(tmp_path, tiny_model_dir):
         torch.testing.assert_close(plain[key], value)
 
 
+@pytest.mark.e2e
 def test_flora_partial_participation_catches_up_in_process(tmp_path, tiny_model_dir):
     """A bfloat16 base with gradient checkpointing at every site (the memory switches for large
     models): sites that sat out rounds merge them later and still hold identical base weights."""
@@ -72,6 +74,7 @@ def split_ag_news(out_dir):
     return out_dir
 
 
+@pytest.mark.e2e
 def test_zero_pad_runs_through_the_same_job(tmp_path, tiny_model_dir):
     data = ["--data", str(split_ag_news(tmp_path / "data"))]
     log, results, _ = run_job(
@@ -104,7 +107,12 @@ def test_config_errors_name_site_and_key(tmp_path, tiny_model_dir):
     build(sites=mixed, method="zero_pad")  # averaging sites merge nothing: each keeps its own dtype
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         LoraRecipe(sites={"site-1": {}}, model=str(tmp_path / "no-such-model"))
-    # the CLI turns them into one line and exit code 2; a malformed JSONL line is named by file:line
+
+
+@pytest.mark.e2e
+def test_job_cli_config_error_is_one_line_and_exit_code_2(tmp_path, tiny_model_dir):
+    """The job script turns a config error into one line and exit code 2; a malformed JSONL line
+    is named by file:line."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "site-1.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
