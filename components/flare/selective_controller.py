@@ -38,17 +38,14 @@ from flare_lora.components.algorithms.layer_average import (
 )
 from flare_lora.components.algorithms.layer_selection import (
     CRITERIA,
-    EXACT_WORK_LIMIT,
     SelectionError,
     check_budgets,
     check_costs,
     check_scores,
     choose_layers,
-    exact_work,
-    inconsistency,
     normalize_scores,
-    objective,
 )
+from flare_lora.components.algorithms.layer_solver import EXACT_WORK_LIMIT, exact_work, inconsistency, objective
 from flare_lora.components.algorithms.lora_state import InvalidUpdate
 from flare_lora.components.flare.controller import RESULTS_DIRNAME, wire_bytes
 from flare_lora.privacy.he_context import SERVER_CONTEXT, HEContextError
