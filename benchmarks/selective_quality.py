@@ -45,12 +45,8 @@ from pathlib import Path
 import torch
 
 from flare_lora.components.algorithms.layer_average import average_layers, layer_of, validate_layer_update
-from flare_lora.components.algorithms.layer_selection import (
-    SCORED,
-    choose_layers,
-    inconsistency,
-    normalize_scores,
-)
+from flare_lora.components.algorithms.layer_selection import SCORED, choose_layers, normalize_scores
+from flare_lora.components.algorithms.layer_solver import inconsistency
 from flare_lora.components.data.prompts import encode
 from flare_lora.components.data.split import dirichlet_split
 from flare_lora.components.data.synthetic import default_site_data

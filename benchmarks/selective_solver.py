@@ -21,13 +21,8 @@ import time
 
 import numpy as np
 
-from flare_lora.components.algorithms.layer_selection import (
-    inconsistency,
-    normalize_scores,
-    objective,
-    select_layers,
-    upper_bound,
-)
+from flare_lora.components.algorithms.layer_selection import normalize_scores, select_layers, upper_bound
+from flare_lora.components.algorithms.layer_solver import inconsistency, objective
 
 
 def instance(rng, n, k, b_max, with_costs):

@@ -54,8 +54,9 @@ def test_sim_job_with_dp_flags_reports_epsilon_every_round(tmp_path, tiny_model_
 def test_poc_site_scope_enforces_client_dp(tmp_path, tiny_model_dir):
     """site-2's admin adds the DP filter in privacy.json; site-1's scope has a budget too small for one
     release, so its filter refuses and its update never leaves the site. The job asks for neither."""
-    from flare_lora.components.flare.poc import poc_log_paths, poc_prod_dir, run_job_in_poc
+    from flare_lora.components.flare.poc_project import poc_prod_dir
     from flare_lora.components.flare.recipe import LoraRecipe
+    from poc_harness import poc_log_paths, run_job_in_poc
 
     def scope(**args):
         return {"scopes": [{"name": "dp", "task_result_filters": [

@@ -20,8 +20,8 @@ import pytest
 
 from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, module_prefixes
 from flare_lora.components.flare import site_policy
-from flare_lora.components.flare.poc import isolated_poc, workspace_processes
 from flare_lora.components.report import load_metrics
+from poc_harness import isolated_poc, workspace_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"

@@ -12,11 +12,11 @@ import pytest
 from safetensors.torch import load_file
 
 from flare_lora.components.algorithms.stacking import concat_lora
-from flare_lora.components.flare.poc import workspace_processes
 from flare_lora.components.report import load_metrics
 from flare_lora.privacy.he_aggregate import EncryptedGlobal
 from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, Ckks, load_context
 from flare_lora.privacy.he_server import load_wire
+from poc_harness import workspace_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "nvflare_jobs" / "flora" / "job.py"

@@ -16,20 +16,42 @@ from flare_lora.components.algorithms.layer_average import (
 )
 from flare_lora.components.algorithms.layer_selection import (
     SelectionError,
-    brute_force,
+    check_problem,
     choose_layers,
-    inconsistency,
     normalize_scores,
-    objective,
     select_layers,
     upper_bound,
 )
+from flare_lora.components.algorithms.layer_solver import inconsistency, objective
 from flare_lora.components.algorithms.lora_state import InvalidUpdate
 
 
 def scores(n, k, seed, shape=0.5):
     rng = np.random.default_rng(seed)
     return rng.gamma(shape, size=(n, k)) * np.linspace(1.0, rng.uniform(0.3, 3.0), k)
+
+
+def brute_force(scores, budgets, lam: float, costs=None, *, normalize: bool = True) -> tuple[np.ndarray, float]:
+    """Exhaustive search over every site's feasible sets: the optimum the solvers must reach (tiny problems)."""
+    g, b, lam, cost = check_problem(scores, budgets, lam, costs, normalize=normalize)
+    n, k = g.shape
+    rows = [np.array(bits, dtype=bool) for bits in itertools.product((0, 1), repeat=k)]
+    feasible = [np.stack([r for r in rows if int(cost[r].sum()) <= b[i]]) for i in range(n)]
+    # broadcast over the product of the sites' options: [S_0, ..., S_{N-1}, K] counts
+    counts = np.zeros([len(f) for f in feasible] + [k])
+    gains = np.zeros([len(f) for f in feasible])
+    for i, f in enumerate(feasible):
+        shape = [1] * n + [k]
+        shape[i] = len(f)
+        counts = counts + f.reshape(shape)
+        gshape = [1] * n
+        gshape[i] = len(f)
+        gains = gains + (f.astype(np.float64) @ g[i]).reshape(gshape)
+    values = gains - lam * (counts * (n - counts)).sum(axis=-1)
+    flat = int(np.argmax(values))
+    index = np.unravel_index(flat, values.shape)
+    mask = np.stack([feasible[i][index[i]] for i in range(n)])
+    return mask, float(values[index])
 
 
 def _grid():

@@ -192,7 +192,7 @@ def test_poc_one_shot_completes_without_a_site_killed_mid_training(tmp_path, tin
     from safetensors.torch import load_file
 
     from flare_lora.components.flare.one_shot_recipe import OneShotRecipe
-    from flare_lora.components.flare.poc import isolated_poc, workspace_processes
+    from poc_harness import isolated_poc, workspace_processes
 
     common = {"threads": 1, "batch_size": 2, "local_steps": 2, "lr": 1e-4}
     sites = {"site-1": dict(common), "site-2": dict(common), "site-3": dict(common, local_steps=100000)}

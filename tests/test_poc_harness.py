@@ -1,4 +1,4 @@
-"""End-to-end check of the isolated POC harness (components/flare/poc.py) with a trivial NumPy job."""
+"""The isolated POC (components/flare/poc.py) and its test harness (tests/poc_harness.py), with a trivial NumPy job."""
 
 from __future__ import annotations
 
@@ -12,16 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flare_lora.components.flare.poc import (
-    NVFLARE_DEFAULT_POC_WORKSPACE,
-    IsolatedPocEnv,
-    build_project_config,
-    find_free_ports,
-    poc_log_paths,
-    poc_prod_dir,
-    run_job_in_poc,
-    workspace_processes,
-)
+from flare_lora.components.flare.poc import NVFLARE_DEFAULT_POC_WORKSPACE, IsolatedPocEnv
+from flare_lora.components.flare.poc_processes import terminate
+from flare_lora.components.flare.poc_project import build_project_config, find_free_ports, poc_prod_dir
+from poc_harness import isolated_poc, poc_log_paths, workspace_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +114,8 @@ def test_refuses_to_wipe_foreign_directory(tmp_path):
 
 @pytest.mark.e2e
 def test_trivial_numpy_job_in_isolated_poc(tmp_path):
+    """The runtime IsolatedPocEnv (what ``--env poc`` runs), not the harness: its own ports, HOME and
+    local files, logs kept, and its stop() (pid files only) leaves no process of the workspace."""
     from nvflare.app_common.np.recipes.fedavg import NumpyFedAvgRecipe
 
     t_start = time.monotonic()
@@ -143,19 +139,17 @@ def test_trivial_numpy_job_in_isolated_poc(tmp_path):
         train_script=str(script),
         train_args=f"--out {info_dir}",
     )
-    envs: list[IsolatedPocEnv] = []
     marker = {"written_by": "test_poc_harness"}
-    status, result_dir = run_job_in_poc(
-        recipe,
-        clients,
-        str(workspace),
-        timeout=60,
-        home=str(home),
-        local_files={"site-1": {"harness_marker.json": marker}},
-        on_provisioned=envs.append,
-    )
-    env = envs[0]
-    print("timings:", env.timings, "total:", time.monotonic() - t_start)
+    env = IsolatedPocEnv(clients, str(workspace), home=str(home), local_files={"site-1": {"harness_marker.json": marker}})
+    try:
+        run = recipe.run(env)
+        result_dir = run.get_result(timeout=60, clean_up=False)
+        status = run.get_status()
+    finally:
+        env.stop()
+    leftovers = workspace_processes(workspace)
+    terminate(lambda: {pid: False for pid in workspace_processes(workspace)})  # what stop() missed, if anything
+    print("total:", time.monotonic() - t_start)
 
     # -- job succeeded, result downloaded and kept
     assert status == "FINISHED:COMPLETED"
@@ -202,17 +196,15 @@ def test_trivial_numpy_job_in_isolated_poc(tmp_path):
     assert after == before
 
     # -- nothing left running
-    assert workspace_processes(workspace) == {}
+    assert leftovers == {}
     assert _ps_lines_mentioning(str(workspace)) == []
-    assert env.timings.get("stop_s") is not None
+    assert not env.is_running()
     assert time.monotonic() - t_start < 90
 
 
 @pytest.mark.e2e
 def test_pids_kill_site_and_cleanup(tmp_path):
     """pids() finds each participant's processes; kill_site keeps a site down; stop leaves nothing."""
-    from flare_lora.components.flare.poc import isolated_poc
-
     workspace = tmp_path / "poc"
     with isolated_poc(["site-1", "site-2"], workspace, home=tmp_path / "home") as env:
         pids = env.pids()

@@ -29,12 +29,12 @@ import pytest
 from safetensors.torch import load_file
 
 from flare_lora.components.flare.checkpoint import RoundCheckpoint
-from flare_lora.components.flare.poc import IsolatedPocEnv, workspace_processes
 from flare_lora.components.flare.provision import render_project
 from flare_lora.components.flare.recipe import LoraRecipe
 from flare_lora.components.flare.site_policy import allow_flare_lora, deny_byoc
 from flare_lora.components.strategies import FLoRA
 from flare_lora.components.report import load_metrics
+from poc_harness import HarnessPocEnv, workspace_processes
 
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
 ADMIN = "admin@coordinator.example.org"
@@ -54,7 +54,7 @@ def make_recipe(model_dir: str) -> LoraRecipe:
     return recipe
 
 
-def wait_for(what: str, check, timeout: float, env: IsolatedPocEnv):
+def wait_for(what: str, check, timeout: float, env: HarnessPocEnv):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -64,12 +64,12 @@ def wait_for(what: str, check, timeout: float, env: IsolatedPocEnv):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; logs: {env.log_paths()}")
 
 
-def job_log(env: IsolatedPocEnv, site: str, job_id: str) -> str:
+def job_log(env: HarnessPocEnv, site: str, job_id: str) -> str:
     path = Path(env.site_dir(site), job_id, "log.txt")
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
-def trainer_pid(env: IsolatedPocEnv, site: str) -> int | None:
+def trainer_pid(env: HarnessPocEnv, site: str) -> int | None:
     """The site's training process (the client script its FLARE job process launched)."""
     pids = [p for p in env.pids()[site].trainers if "client_train" in Path(f"/proc/{p}/cmdline").read_text()]
     return pids[0] if len(pids) == 1 else None
@@ -78,7 +78,7 @@ def trainer_pid(env: IsolatedPocEnv, site: str) -> int | None:
 def test_trainer_crash_site_crash_and_server_restart_in_provisioned_deployment(tmp_path, tiny_model_dir):
     t0 = time.monotonic()
     project = render_project(SITES, server="server", project_admin=ADMIN)
-    env = IsolatedPocEnv(SITES, tmp_path / "deploy", home=tmp_path / "home", project=project, username=ADMIN,
+    env = HarnessPocEnv(SITES, tmp_path / "deploy", home=tmp_path / "home", project=project, username=ADMIN,
                          extra_env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     checkpoint = None
     try:

@@ -221,7 +221,7 @@ def make_env(args, sites: dict):
 
         project = None
         if getattr(args, "he", False):  # provision with FLARE's HEBuilder: contexts in the startup kits
-            from flare_lora.components.flare.poc import build_project_config
+            from flare_lora.components.flare.poc_project import build_project_config
             from flare_lora.privacy.he_context import with_he_builder
 
             project = with_he_builder(build_project_config(list(sites), fed_learn_port=0, admin_port=0))

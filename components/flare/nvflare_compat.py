@@ -39,6 +39,21 @@ def wait_poc_ready(workspace: str, excluded: list[str], timeout: int) -> None:
     _wait_for_poc_system_ready(workspace, project_config, service_config, [], excluded, timeout_in_sec=timeout)
 
 
+def submit_job(env, job) -> str:
+    """Submit ``job`` through a PocEnv's admin session (its private ``_get_session_manager``).
+
+    ``PocEnv.deploy``, the public way, first re-provisions and restarts the POC (wiping a running
+    one) and then sleeps a fixed 3 s; the isolated POC is already up and every client registered.
+    """
+    return env._get_session_manager().submit_job(job)
+
+
+def forget_admin_session(env) -> None:
+    """Drop a PocEnv's cached admin session (private ``_session_manager``): PocEnv logs in again only
+    when it has none, and a stopped or restarted server knows no earlier session."""
+    env._session_manager = None
+
+
 def relaunch_backend(executor, fl_ctx) -> None:
     """Replace a ClientAPIExecutor's dead external-process backend by a freshly launched one.
 

@@ -27,17 +27,14 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from flare_lora.components.algorithms.layer_average import layer_of, relative_key, validate_layer_update
 from flare_lora.components.algorithms.layer_selection import (
     CRITERIA,
-    EXACT_WORK_LIMIT,
     SelectionError,
     check_budgets,
     check_costs,
     check_scores,
     choose_layers,
-    exact_work,
-    inconsistency,
     normalize_scores,
-    objective,
 )
+from flare_lora.components.algorithms.layer_solver import EXACT_WORK_LIMIT, exact_work, inconsistency, objective
 from flare_lora.components.algorithms.lora_state import InvalidUpdate
 from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed
 from flare_lora.components.strategies import check_examples
