@@ -40,3 +40,10 @@ class _Controller(ModelController):
 def test_controller_poll_period_is_read():
     controller = _Controller(persistor_id="")
     assert nvflare_compat.task_check_period(controller) == controller._task_check_period > 0
+
+
+def test_poc_env_admin_session_hooks_exist():
+    from nvflare.recipe import PocEnv
+
+    assert callable(getattr(PocEnv, "_get_session_manager", None))
+    assert "self._session_manager = None" in inspect.getsource(PocEnv)
