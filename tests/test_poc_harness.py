@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import flare_lora.components
+
 from flare_lora.components.flare.poc import NVFLARE_DEFAULT_POC_WORKSPACE, IsolatedPocEnv
 from flare_lora.components.flare.poc_processes import terminate
 from flare_lora.components.flare.poc_project import build_project_config, find_free_ports, poc_prod_dir
@@ -186,7 +188,7 @@ def test_trivial_numpy_job_in_isolated_poc(tmp_path):
     for info in infos.values():
         assert {f_port, a_port} <= set(info["listening_ports"])
         assert info["home"] == str(home)
-        assert Path(info["components_file"]).resolve().is_relative_to(REPO_ROOT)
+        assert Path(info["components_file"]).resolve() == Path(flare_lora.components.__file__).resolve()  # the installed package
 
     # -- site local/ hook
     assert json.loads(Path(prod, "site-1", "local", "harness_marker.json").read_text()) == marker

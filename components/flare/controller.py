@@ -11,7 +11,7 @@ from __future__ import annotations
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from flare_lora.components.algorithms.lora_state import lora_module_shapes
-from flare_lora.components.flare.workflow import FederatedWorkflow
+from flare_lora.components.flare.workflow import FederatedWorkflow, keep_args
 from flare_lora.components.strategies import METHODS, SiteUpdate, check_update, get_method
 from flare_lora.components.strategies.aggregators import PlainRounds
 from flare_lora.privacy.he_aggregate import check_he_method
@@ -45,10 +45,8 @@ class LoraController(FederatedWorkflow):
         get_method(method, **(method_options or {}))  # fail at config time on an unknown option
         if self.he:
             check_he_method(method)
-        self.method = method
-        self.num_rounds = num_rounds
+        keep_args(self, locals())
         self.site_configs = site_configs or {}
-        self.method_options = method_options
 
     def new_log(self) -> dict:
         log = {"method": self.method, "num_rounds": self.num_rounds}

@@ -17,7 +17,7 @@ import time
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed
+from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args
 from flare_lora.components.strategies import ONE_SHOT_METHODS, SiteUpdate, check_examples, check_update, get_method
 from flare_lora.components.strategies.aggregators import PlainFold
 from flare_lora.privacy.he_server import EncryptedFold
@@ -72,14 +72,9 @@ class OneShotController(FederatedWorkflow):
             raise ValueError("clients_per_round / checkpoint_dir: a one-shot job has one round and persists its "
                              "global after every arrival; neither applies")
         super().__init__(*args, **kwargs)
-        n = len(sites) if sites else max(self.min_clients, 1)
-        check_one_shot_options(method, n, self.min_clients, deadline, late_grace, timeout)
-        self.method = method
-        self.sites = sites
-        self.deadline = deadline
-        self.late_grace = late_grace
-        self.timeout = timeout
-        self.evaluate_global = evaluate_global
+        check_one_shot_options(method, len(sites) if sites else max(self.min_clients, 1), self.min_clients,
+                               deadline, late_grace, timeout)
+        keep_args(self, locals())
         self.site_configs = site_configs or {}
 
     def new_log(self) -> dict:

@@ -215,8 +215,10 @@ def add_site_trainer(job: FedJob, site: str, args: list[str], *, script: str | N
             server_expected_format=ExchangeFormat.PYTORCH,
             max_restarts=max_restarts,
         ), site)
-    if script is not None:
-        job.to(FileSource(PACKAGE_DIR, dest_dir="flare_lora", app_folder_type="custom"), site)
+    if script is not None:  # the code only: the package data (project.yml) would read as a job config
+        for part in ("components", "privacy"):
+            job.to(FileSource(os.path.join(PACKAGE_DIR, part), dest_dir=f"flare_lora/{part}", app_folder_type="custom"),
+                   site)
 
 
 def check_restarts(max_trainer_restarts) -> None:

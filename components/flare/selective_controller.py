@@ -36,7 +36,7 @@ from flare_lora.components.algorithms.layer_selection import (
 )
 from flare_lora.components.algorithms.layer_solver import EXACT_WORK_LIMIT, exact_work, inconsistency, objective
 from flare_lora.components.algorithms.lora_state import InvalidUpdate
-from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed
+from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args
 from flare_lora.components.strategies import check_examples
 from flare_lora.components.strategies.aggregators import PlainLayers
 from flare_lora.privacy.he_server import EncryptedLayers
@@ -81,15 +81,8 @@ class SelectiveController(FederatedWorkflow):
             raise ValueError(f"selection: expected one of {list(CRITERIA)}, got {selection!r}")
         if mode not in ("lora", "full"):
             raise ValueError(f"mode: expected 'lora' or 'full', got {mode!r}")
-        self.num_rounds = num_rounds
-        self.selection = selection
-        self.mode = mode
-        self.lam = lam
-        self.sel_gap = sel_gap
+        keep_args(self, locals())
         self.site_budgets = site_budgets or {}
-        self.num_layers = num_layers
-        self.costs = costs
-        self.scaling = scaling
 
     def new_log(self) -> dict:
         return {"method": "selective", "selection": self.selection, "mode": self.mode, "lam": self.lam,

@@ -73,18 +73,7 @@ class FederatedWorkflow(ModelController):
         super().__init__(persistor_id="", ignore_result_error=True)
         if he and checkpoint_dir:
             raise ValueError("checkpoint_dir: checkpoints hold plaintext rounds; not available with he")
-        # FLARE's job export reads constructor args back from same-named attributes
-        self.min_clients = min_clients
-        self.clients_per_round = clients_per_round
-        self.seed = seed
-        self.task_timeout = task_timeout
-        self.wait_for_clients_timeout = wait_for_clients_timeout
-        self.server_threads = server_threads
-        self.base_model = base_model
-        self.max_result_bytes = max_result_bytes
-        self.checkpoint_dir = checkpoint_dir
-        self.he = he
-        self.he_context = he_context
+        keep_args(self, locals())
 
     # --- what a job supplies -------------------------------------------------------------
 
@@ -241,6 +230,13 @@ class FederatedWorkflow(ModelController):
             return
         version, internal, gauss = self.rng.getstate()
         checkpoint.save(self.identity(), rounds, self.log["rounds"], {"rng": [version, list(internal), gauss], **extra})
+
+
+def keep_args(component, args: dict) -> None:
+    """Every constructor argument as a same-named attribute: FLARE's job export reads them back."""
+    for key, value in args.items():
+        if key not in ("self", "args", "kwargs", "__class__"):
+            setattr(component, key, value)
 
 
 def wire_bytes(model: FLModel) -> int:
