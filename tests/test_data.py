@@ -183,8 +183,8 @@ def test_split_by_field_round_robin():
         split_by_field([{"category": "a"}, {"kind": "b"}], "category", 1)
 
 
-def _run_split(*args):
-    return subprocess.run([sys.executable, "-m", "flare_lora.components.data.split", *map(str, args)],
+def _run_split(*args):  # `flare-lora split ...`
+    return subprocess.run([sys.executable, "-m", "flare_lora.components.cli.main", "split", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 

@@ -1,6 +1,7 @@
 """Two training processes per site (torchrun + DDP, gloo on CPU) through the real FLARE simulator.
 
-``job.py --ddp 2`` starts every site's client script as ``torchrun --standalone --nproc_per_node=2``:
+``job.py --ddp 2`` starts every site's client script as ``<python> -m torch.distributed.run --standalone
+--nproc_per_node=2`` (torchrun):
 rank 0 talks to FLARE and broadcasts each task, both ranks install the global state and train on
 their half of the site's records, DDP averages the gradients. The client checks on every task that
 both ranks hold the same base weights and, after training, the same trained weights (the job

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import flare_lora.components
-
 from flare_lora.components.flare.poc import NVFLARE_DEFAULT_POC_WORKSPACE, IsolatedPocEnv
 from flare_lora.components.flare.poc_processes import terminate
 from flare_lora.components.flare.poc_project import build_project_config, find_free_ports, poc_prod_dir

@@ -7,9 +7,7 @@ tests/test_production_poc.py; several DDP processes per site is tests/test_ddp.p
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -18,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flare_lora.components.cli import lora_job
+from flare_lora.components.cli.main import main as cli_main
+from flare_lora.components.cli.recipe_args import recipe_kwargs
 from flare_lora.components.flare.checkpoint import CheckpointError, RoundCheckpoint, round_file
-from flare_lora.components.flare.job_cli import add_production_args, production_recipe_kwargs
 from flare_lora.components.flare.provision import render_project
 from flare_lora.components.flare.recipe import LoraRecipe
 from flare_lora.components.flare.site_policy import (
@@ -204,15 +204,15 @@ def test_trainer_restarts_are_configured_in_the_job_and_validated(tmp_path, tiny
 
 
 def test_project_template_provisions_server_sites_admins_and_he(tmp_path):
-    """``nvflare provision`` on the rendered template: one kit per participant, roles in the admin
-    certificates, and with --he a TenSEAL context whose secret key only the sites hold."""
+    """``nvflare provision`` on ``flare-lora provision``'s project.yml (from the template the
+    installed package ships): one kit per participant, roles in the admin certificates, and with
+    --he a TenSEAL context whose secret key only the sites hold."""
     import tenseal as ts
-    import yaml
     from cryptography import x509
 
     sites = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
-    project = render_project(sites, server="fl.coordinator.example.org", he=True)
-    (tmp_path / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+    assert cli_main(["provision", "--sites", ",".join(sites), "--server", "fl.coordinator.example.org", "--he",
+                     "-o", str(tmp_path / "project.yml")]) == 0
     nvflare = Path(sys.executable).with_name("nvflare")
     proc = subprocess.run([str(nvflare), "provision", "-p", "project.yml", "-w", "ws"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -238,7 +238,7 @@ def test_project_template_provisions_server_sites_admins_and_he(tmp_path):
         render_project(["Hospital A"])
 
 
-def test_site_policy_allows_our_classes_and_denies_byoc(tmp_path):
+def test_site_policy_allows_our_classes_and_denies_byoc(tmp_path, capsys):
     """The site tool on a provisioned kit: entries appended once; the written authorization policy,
     evaluated by nvflare's own Authorizer, denies byoc to every role and keeps the other rights."""
     from nvflare.fuel.sec.authz import Authorizer, AuthzContext, Person
@@ -265,9 +265,9 @@ def test_site_policy_allows_our_classes_and_denies_byoc(tmp_path):
     assert authorizer.authorize(AuthzContext("submit_job", admin, admin))[0]
     assert authorizer.authorize(AuthzContext("submit_job", lead, lead))[0]
 
-    proc = subprocess.run([sys.executable, "-m", "flare_lora.components.flare.site_policy", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "local/resources.json" in proc.stdout
+    capsys.readouterr()
+    assert cli_main(["site-policy", str(tmp_path)]) == 2  # not a kit: one error line
+    assert "local/resources.json" in capsys.readouterr().err
 
 
 def _write_project(tmp_path: Path, sites: list[str]) -> Path:
@@ -281,15 +281,26 @@ def _write_project(tmp_path: Path, sites: list[str]) -> Path:
 
 
 def test_production_flags_map_to_recipe_arguments():
-    p = argparse.ArgumentParser()
-    p.add_argument("--in-process", action="store_true")
-    add_production_args(p)
-    assert production_recipe_kwargs(p.parse_args([])) == {
-        "checkpoint_dir": "", "max_result_bytes": 0, "task_timeout": 0, "byoc": True}
-    kwargs = production_recipe_kwargs(p.parse_args(
-        ["--ddp", "4", "--max-result-mb", "1.5", "--checkpoint-dir", "ck", "--no-byoc", "--task-timeout", "600"]))
-    assert kwargs == {"checkpoint_dir": "ck", "max_result_bytes": 1_500_000, "task_timeout": 600, "byoc": False,
-                      "command": "torchrun --standalone --nproc_per_node=4"}
-    with pytest.raises(SystemExit, match="--ddp"):
-        production_recipe_kwargs(p.parse_args(["--ddp", "2", "--in-process"]))
-    assert os.path.isfile(Path(__file__).resolve().parents[1] / "nvflare_jobs" / "provision" / "project.yml")
+    """Every job passes these to its recipe; the sites' interpreter: this one for a run here, so a
+    venv need not be on PATH, --site-python (default python3) for an exported or prod job."""
+    p = lora_job.parser()
+    production = ("checkpoint_dir", "max_result_bytes", "task_timeout", "byoc", "command")
+    kwargs = recipe_kwargs(p.parse_args([]), exporting=False)
+    assert {k: kwargs[k] for k in production} == {
+        "checkpoint_dir": "", "max_result_bytes": 0, "task_timeout": 0, "byoc": True, "command": f"{sys.executable} -u"}
+    kwargs = recipe_kwargs(p.parse_args(
+        ["--ddp", "4", "--max-result-mb", "1.5", "--checkpoint-dir", "ck", "--no-byoc", "--task-timeout", "600"]),
+        exporting=True)
+    assert {k: kwargs[k] for k in production} == {
+        "checkpoint_dir": "ck", "max_result_bytes": 1_500_000, "task_timeout": 600, "byoc": False,
+        "command": "python3 -m torch.distributed.run --standalone --nproc_per_node=4"}
+    site_python = ["--site-python", "/opt/site/bin/python"]
+    assert recipe_kwargs(p.parse_args(site_python), exporting=True)["command"] == "/opt/site/bin/python -u"
+    assert recipe_kwargs(p.parse_args(["--env", "prod", *site_python]), exporting=False)["command"] == \
+        "/opt/site/bin/python -u"
+    with pytest.raises(ValueError, match="--ddp"):
+        recipe_kwargs(p.parse_args(["--ddp", "2", "--in-process"]), exporting=False)
+    with pytest.raises(ValueError, match="--site-python"):  # a simulator's sites run this interpreter
+        recipe_kwargs(p.parse_args(site_python), exporting=False)
+    with pytest.raises(ValueError, match="--max-trainer-restarts"):  # no training process to restart
+        recipe_kwargs(p.parse_args(["--in-process", "--max-trainer-restarts", "1"]), exporting=False)

@@ -1,4 +1,4 @@
-"""Split one dataset into per-site JSONL files (``python -m flare_lora.components.data.split``).
+"""Split one dataset into per-site JSONL files (``flare-lora split``).
 
 Simulates federated sites from a single file, either by a field (each distinct value goes to one
 site, round-robin) or by a label-skewed Dirichlet partition, the usual non-IID benchmark setup.
@@ -7,7 +7,7 @@ Writes ``site-1.jsonl`` and ``site-1.eval.jsonl`` (held-out), ... into ``--out``
 
 Example (AG News, 3 sites, topic-skewed)::
 
-    flare-lora-split test.csv --out data/ag3 --dirichlet 0.3 --label-field label --sites 3 \\
+    flare-lora split test.csv --out data/ag3 --dirichlet 0.3 --label-field label --sites 3 \\
         --instruction "Classify the topic of this news: {title}. {description}" \\
         --output-field label --output-map 1=World,2=Sports,3=Business,4=Sci/Tech
 
@@ -172,7 +172,7 @@ def _labels(records: list[dict], where: list[str], field: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="flare-lora-split", description="Split a JSONL or CSV dataset into per-site files."
+        prog="flare-lora split", description="Split a JSONL or CSV dataset into per-site files."
     )
     p.add_argument("path", type=Path, help="input .jsonl or .csv")
     p.add_argument("--out", type=Path, required=True, help="output directory")

@@ -9,15 +9,28 @@ from __future__ import annotations
 
 
 def export_requested() -> bool:
-    """True when the command line asked ``Recipe.execute`` to export (``--export``).
+    """True when the command line asked to export the job (``--export``).
 
-    ``nvflare.recipe.spec`` strips ``--export/--export-dir`` from sys.argv itself; a job needs to
-    know before building the recipe whether it will run here (the simulator's test-only HE keys
-    are made only then).
+    ``nvflare.recipe.spec`` strips ``--export/--export-dir`` from sys.argv itself when first
+    imported; a job needs to know before building the recipe whether it will run here (the sites'
+    interpreter, the simulator's test-only HE keys).
     """
-    from nvflare.recipe.spec import _peek_recipe_args
+    return bool(_recipe_args()[0])
 
-    return bool(_peek_recipe_args()[0])
+
+def export_dir() -> str:
+    """The folder ``--export-dir`` names (nvflare's default ``./fl_job`` without it), also when
+    ``--export`` is missing (``flare-lora export`` implies it)."""
+    return _recipe_args()[1]
+
+
+def _recipe_args() -> tuple:
+    import warnings
+
+    with warnings.catch_warnings():  # on import: "reserves --export, rename your flags"; ours have other names
+        warnings.filterwarnings("ignore", message="NVFlare reserves", category=UserWarning)
+        from nvflare.recipe.spec import _peek_recipe_args
+    return _peek_recipe_args()
 
 
 def start_poc_services(workspace: str, gpu_ids, excluded: list[str], services: list[str]) -> None:

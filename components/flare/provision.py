@@ -1,6 +1,6 @@
 """The production project.yml (nvflare_jobs/provision/project.yml) for your server and N sites.
 
-    python -m flare_lora.components.flare.provision --sites hospital-a,hospital-b,hospital-c,hospital-d \\
+    flare-lora provision --sites hospital-a,hospital-b,hospital-c,hospital-d \\
         --server fl.coordinator.example.org --domain example.org -o project.yml [--he]
     nvflare provision -p project.yml -w workspace
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Sequence
+from importlib import resources
 
 import yaml
 
-TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "nvflare_jobs", "provision", "project.yml")
 HE_BUILDER = {
     "path": "nvflare.lighter.impl.he.HEBuilder",
     "args": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40, "scheme": "CKKS"},
@@ -32,8 +32,11 @@ def org_name(site: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", site)
 
 
-def load_template(path: str = TEMPLATE) -> dict:
-    """The template project.yml (it lives in the repository, next to the jobs, not in the package)."""
+def load_template(path: str | None = None) -> dict:
+    """A project.yml to start from; by default the one the package ships (nvflare_jobs/provision/
+    in the checkout), so an installed plugin needs no checkout."""
+    if path is None:
+        return yaml.safe_load((resources.files("flare_lora.nvflare_jobs") / "provision" / "project.yml").read_text())
     if not os.path.isfile(path):
         raise ValueError(f"project template not found: {path} (pass --template <project.yml>)")
     with open(path) as f:
@@ -74,7 +77,8 @@ def render_project(sites: Sequence[str], *, server: str | None = None, domain: s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="flare-lora provision", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites", required=True, help="comma-separated site names, e.g. hospital-a,hospital-b")
     p.add_argument("--server", default=None, help="the server's FQDN (default: the template's)")
     p.add_argument("--domain", default="example.org", help="e-mail domain of the generated site admins")
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--admin-port", type=int, default=None)
     p.add_argument("--project-admin", default=None, help="login of the project admin (default: the template's)")
     p.add_argument("--he", action="store_true", help="provision TenSEAL contexts (HE)")
-    p.add_argument("--template", default=TEMPLATE, help="the project.yml to start from (default: the repository's)")
+    p.add_argument("--template", default=None, help="the project.yml to start from (default: the one flare-lora ships)")
     p.add_argument("-o", "--output", default="project.yml")
     args = p.parse_args(argv)
     try:
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
             he=args.he, template=load_template(args.template),
         )
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     with open(args.output, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)

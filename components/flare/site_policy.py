@@ -7,7 +7,7 @@ requiring the submitter's "byoc" right. These are the entries beyond nvflare's d
 tests/test_production.py checks with nvflare's own authorizer that a non-BYOC export of our jobs
 passes with exactly them.
 
-    python -m flare_lora.components.flare.site_policy <startup kit dir> [--noise-mask] [--client-dp] [--he] [--deny-byoc]
+    flare-lora site-policy <startup kit dir> [--noise-mask] [--client-dp] [--he] [--deny-byoc]
 
 adds the entries to the kit's ``local/resources.json`` (created from ``resources.json.default``,
 which a ``resources.json`` replaces entirely) and, with ``--deny-byoc``, writes a
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 SERVER_ALLOW = (  # the workflows of the LoRA, one-shot and selective-layer jobs
     "flare_lora.components.flare.controller.LoraController",
@@ -97,7 +98,8 @@ def deny_byoc(kit_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="flare-lora site-policy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kit_dir", help="a server or client startup kit (the directory holding startup/ and local/)")
     p.add_argument("--noise-mask", action="store_true", help="also allow the site-side noise-mask filter")
     p.add_argument("--client-dp", action="store_true", help="also allow the client-level DP filter")
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
         if args.deny_byoc:
             print(f"{deny_byoc(args.kit_dir)}: byoc denied to every role")
     except (ValueError, OSError, json.JSONDecodeError) as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

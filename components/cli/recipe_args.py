@@ -1,0 +1,102 @@
+"""The shared options (common_args.py) as recipe arguments: the sites and what every recipe takes.
+
+Every recipe (LoraRecipe, OneShotRecipe, SelectiveRecipe) accepts the same keyword arguments for
+these, so a job passes all of them and the recipe refuses what it cannot do (e.g. a one-shot
+job's checkpoint_dir): no option is accepted and then ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+from flare_lora.privacy.dp_config import client_dp_options, dp_site_settings
+
+DEFAULT_RESTARTS = 3
+
+
+def int_list(option: str, text: str) -> list[int]:
+    """Comma-separated integers of ``option`` (e.g. --ranks 4,8,16)."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def build_sites(args, ranks: list[int]) -> dict[str, dict]:
+    """{site-1: {rank, alpha, ...}, ...}, one per rank, from the shared flags, then --site-config."""
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(ranks)))
+    sites = {}
+    for i, rank in enumerate(ranks):
+        cfg = {"rank": rank, "alpha": args.alpha_ratio * rank, "threads": threads, "seed": args.seed}
+        cfg["target_modules"] = [m for m in args.target_modules.split(",") if m]
+        for key, value in (("local_steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                           ("dtype", args.dtype), ("gradient_checkpointing", args.gradient_checkpointing or None)):
+            if value is not None:
+                cfg[key] = value
+        cfg.update(dp_site_settings(args))
+        sites[f"site-{i + 1}"] = cfg
+    if args.site_config:
+        with open(args.site_config) as f:
+            overrides = json.load(f)
+        for site, cfg in overrides.items():
+            sites.setdefault(site, {"threads": threads, "seed": args.seed}).update(cfg)
+    return sites
+
+
+def recipe_kwargs(args, exporting: bool) -> dict:
+    """What every recipe takes from the shared flags: model, data, seed, how sites run, the
+    production options and the privacy options (client-level DP, HE)."""
+    if args.in_process and args.max_trainer_restarts is not None:
+        raise ValueError("--max-trainer-restarts: restarts a site's training process; --in-process has none")
+    return dict(
+        model=args.model, data=args.data, seed=args.seed, launch_external_process=not args.in_process,
+        command=site_command(args, exporting), site_scripts=site_scripts(args),
+        max_trainer_restarts=DEFAULT_RESTARTS if args.max_trainer_restarts is None else args.max_trainer_restarts,
+        checkpoint_dir=args.checkpoint_dir, max_result_bytes=int(args.max_result_mb * 1e6),
+        task_timeout=args.task_timeout, byoc=not args.no_byoc,
+        client_dp=client_dp_options(args), **he_kwargs(args, exporting),
+    )
+
+
+def site_command(args, exporting: bool) -> str:
+    """How a site starts its training process. Run here (simulator, POC), with the interpreter
+    that builds the job, so a venv need not be on PATH; exported and prod jobs run on machines
+    of their own, with --site-python. ``--ddp N``: N processes via torch.distributed.run
+    (torchrun's module, so that too uses the chosen interpreter)."""
+    here = args.env != "prod" and not exporting
+    if args.site_python and (here or args.in_process):
+        where = "--in-process trains in the FLARE client process" if args.in_process else \
+            f"simulator and POC sites run {sys.executable}"
+        raise ValueError(f"--site-python: only for an external training process of --env prod or --export jobs ({where})")
+    if args.ddp < 1 or (args.ddp > 1 and args.in_process):
+        raise ValueError(f"--ddp: expected an integer >= 1 (> 1 needs an external process), got {args.ddp}")
+    python = shlex.quote(sys.executable) if here else args.site_python or "python3"
+    if args.ddp > 1:
+        return f"{python} -m torch.distributed.run --standalone --nproc_per_node={args.ddp}"
+    return f"{python} -u"
+
+
+def site_scripts(args) -> dict[str, str]:
+    scripts = {}
+    for item in args.site_script:
+        site, sep, path = item.partition("=")
+        if not sep or not os.path.isfile(path):
+            raise ValueError(f"--site-script: expected SITE=PATH to an existing file, got {item!r}")
+        scripts[site] = os.path.abspath(path)
+    return scripts
+
+
+def he_kwargs(args, exporting: bool) -> dict:
+    """--he: a simulator run gets contexts made into its workspace (test-only: the secret key sits
+    beside the server); POC, prod and exported jobs use the startup kits'."""
+    if not args.he:
+        return {"he": False}
+    if args.env != "sim" or exporting:
+        return {"he": True}
+    from flare_lora.privacy.he_context import provision_sim_contexts
+
+    folder = os.path.join(os.path.abspath(args.workspace or "/tmp/flare_lora/sim"), "he_contexts")
+    return {"he": True, "he_context_dir": provision_sim_contexts(folder)}

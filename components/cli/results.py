@@ -1,0 +1,112 @@
+"""A finished job's results: copied out of the run workspace, reported (table, curves, TensorBoard),
+optionally merged into the base model; and ``flare-lora report``, the same report of a results folder."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+
+from flare_lora.components.report import comm_totals, load_metrics, write_report
+
+METRICS_GLOB = os.path.join("**", "flare_lora", "metrics.json")
+MODEL_KEYS = ("adapter", "layers_file", "full_weights")  # what metrics.json names as the final model
+
+
+def collect_results(result_dir: str | None, out_dir: str) -> dict:
+    """Copy the server's flare_lora/ results out of a run workspace into ``out_dir``; their log.
+    With HE only the sites hold the plaintext model (in the simulator, in the same workspace): copy
+    it too, and the log names it."""
+    found = sorted(glob.glob(os.path.join(result_dir or "", METRICS_GLOB), recursive=True)) if result_dir else []
+    if not found:
+        raise SystemExit(f"no flare_lora/metrics.json under the job result {result_dir!r}; see the server log there")
+    src = os.path.dirname(found[0])
+    if os.path.abspath(src) != os.path.abspath(out_dir):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(src, out_dir)
+    log = load_metrics(os.path.join(out_dir, "metrics.json"))
+    if not log.get("model_at_sites"):
+        return log
+    for name, key in (("adapter", "adapter"), ("layers.safetensors", "layers_file"), ("global.safetensors", "full_weights")):
+        found = glob.glob(os.path.join(result_dir, "**", "flare_lora", name), recursive=True)
+        at_sites = sorted(p for p in found if not os.path.abspath(p).startswith(os.path.abspath(src) + os.sep))
+        if at_sites and not os.path.exists(os.path.join(out_dir, name)):
+            copy = shutil.copytree if os.path.isdir(at_sites[0]) else shutil.copy
+            copy(at_sites[0], os.path.join(out_dir, name))
+            log[key] = name
+            print(f"HE: {name} decrypted at a site: {at_sites[0]}")
+    return log
+
+
+def report_results(log: dict, out_dir: str, title: str) -> dict:
+    """Write table.txt, curves.png and tensorboard/ of ``log`` into out_dir; what print_report prints."""
+    report = write_report(log, out_dir, title)
+    report.update(log=log, comm=comm_totals(log), out_dir=out_dir)
+    return report
+
+
+def save_merged(model: str | None, out_dir: str, log: dict) -> str | None:
+    """``--save-merged``: the base model with the trained weights (adapter merged, or trained
+    layers / all weights replaced) as an HF model dir; None when the job wrote no model."""
+    name = next((log[key] for key in MODEL_KEYS if log.get(key)), None)
+    if name is None or not os.path.exists(os.path.join(out_dir, name)):
+        return None
+    from flare_lora.components.adapter_export import save_full_model, save_merged_model
+    from flare_lora.components.training.models import resolve_model_dir
+
+    save = save_merged_model if os.path.isdir(os.path.join(out_dir, name)) else save_full_model
+    return save(resolve_model_dir(model), os.path.join(out_dir, name), os.path.join(out_dir, "merged"))
+
+
+def print_report(report: dict) -> None:
+    log = report["log"]
+    print(report["table"])
+    comm = report["comm"]
+    print(f"\ntotal upload {comm['upload_bytes'] / 1e6:.2f} MB, download {comm['download_bytes'] / 1e6:.2f} MB")
+    if log.get("selections"):
+        print_selections(log)
+    if log.get("error"):
+        print(f"JOB FAILED: {log['error']}")
+    print(f"results: {report['out_dir']} (metrics.json, table.txt, curves.png, tensorboard/)")
+    if log.get("adapter"):
+        print(f"adapter: {os.path.join(report['out_dir'], log['adapter'])}  (PeftModel.from_pretrained(base, that_dir))")
+    elif log.get("model_at_sites"):
+        print(f"HE: the server holds the global only as ciphertexts; the model: {log['model_at_sites']}")
+    if report.get("merged"):
+        print(f"merged model: {report['merged']}  (AutoModelForCausalLM.from_pretrained(that_dir))")
+
+
+def print_selections(log: dict) -> None:
+    """A selective-layer job's per-round layer choice per site, and the sites whose results it rejected."""
+    k = log.get("num_layers") or 0
+    lam = f", λ={log.get('lam')}" if log.get("selection") == "selective" else ""
+    print(f"\nlayer selections ({log.get('selection')}, mode {log.get('mode')}{lam}, K={k}):")
+    for sel in log["selections"]:
+        print(f"  round {sel['round']}: inconsistency {sel['inconsistency']}, objective {sel['objective']:.3f}, "
+              f"solver {sel['solver']} {sel['seconds'] * 1e3:.1f} ms")
+        for site in sel["sites"]:
+            layers = set(sel["layers"][site])
+            bar = "".join("#" if layer in layers else "." for layer in range(k))
+            print(f"    {site:<10} b={sel['budgets'][site]:<3} {bar}  {sorted(layers)}  "
+                  f"captured {sel['captured'][site]:.2f}")
+    for record in log.get("rounds", []):
+        for site, entry in sorted(record["sites"].items()):
+            if entry.get("rejected") or entry.get("score_rejected"):
+                print(f"  round {record['round']}: rejected {site}: {entry.get('rejected') or entry.get('score_rejected')}")
+
+
+def report_main(argv=None) -> int:
+    """``flare-lora report RESULTS_DIR``: the table, curves and TensorBoard scalars of a job's results."""
+    p = argparse.ArgumentParser(prog="flare-lora report", description=report_main.__doc__)
+    p.add_argument("results_dir", help="a job's results folder (holding metrics.json)")
+    p.add_argument("--title", default=None, help="title of curves.png (default: the folder's name)")
+    args = p.parse_args(argv)
+    try:
+        log = load_metrics(os.path.join(args.results_dir, "metrics.json"))
+    except (OSError, ValueError) as e:  # no or unreadable metrics.json
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_report(report_results(log, args.results_dir, args.title or os.path.basename(os.path.abspath(args.results_dir))))
+    return 0

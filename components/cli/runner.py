@@ -1,0 +1,77 @@
+"""What every job command does with the recipe it built: export it, or run it where --env says
+and report the results.
+
+Bad input (a flag, a site's config, a missing file) prints one ``error:`` line and exits 2,
+before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flare_lora.components.cli.environments import make_env
+from flare_lora.components.cli.results import collect_results, print_report, report_results, save_merged
+from flare_lora.components.flare.nvflare_compat import export_dir, export_requested
+
+
+@dataclass
+class Job:
+    """A built job: its recipe, the sites an environment starts, and the title of its report."""
+
+    recipe: object
+    name: str
+    sites: dict
+    title: str
+
+
+def run_job(parser, build: Callable[..., Job], argv=None, *, export: bool = False) -> int:
+    """Parse, build (``build(args, exporting)``), then export or run; the exit status.
+
+    ``--export [--export-dir DIR]`` on the command line (nvflare takes both out of sys.argv) or
+    ``export=True`` writes the job folder for ``nvflare job submit`` instead of running it.
+    """
+    export = export_requested() or export  # first: the import takes --export out of sys.argv
+    args = parser.parse_args(argv)
+    try:
+        job = build(args, exporting=export)
+        if export:
+            job.recipe.export(export_dir())
+            print(f"job exported to {os.path.join(export_dir(), job.name)}  (nvflare job submit -j that_dir)")
+            return 0
+        env = make_env(args, job.sites)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError too: one line naming site and key
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = args.results or os.path.join("results", job.name)
+    return run_recipe(job, env, results, args.model, args.save_merged)
+
+
+def run_recipe(job: Job, env, results_dir: str, model: str | None, merge: bool) -> int:
+    """Run the job in ``env``, collect and print its results; 0 on success.
+
+    A failed simulation still leaves the server's metrics.json (with the reason under "error"), so
+    the report is written either way.
+    """
+    from nvflare.recipe import SimEnv
+
+    try:
+        try:
+            run = job.recipe.run(env)
+            result = run.get_result(clean_up=False)
+            print(f"job {run.get_job_id()} finished with status {run.get_status()}; workspace: {result}")
+        except RuntimeError as e:
+            print(f"job failed: {e}", file=sys.stderr)
+            if not isinstance(env, SimEnv):  # POC / prod: logs stay in the workspace
+                return 1
+            result = env.get_job_result(job.name)  # the simulator exited non-zero; its workspace remains
+    finally:
+        env.stop()
+    log = collect_results(result, results_dir)
+    report = report_results(log, results_dir, job.title)
+    if merge:
+        report["merged"] = save_merged(model, results_dir, log)
+    print_report(report)
+    return 1 if log.get("error") or not log.get("final") else 0
