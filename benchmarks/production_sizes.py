@@ -25,7 +25,7 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
 from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX
-from flare_lora.components.flare.controller import wire_bytes
+from flare_lora.components.flare.workflow import wire_bytes
 from flare_lora.components.strategies import pack_rounds
 
 MODELS = {  # name: (layers, hidden, intermediate, vocab, total params)

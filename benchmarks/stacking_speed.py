@@ -63,7 +63,7 @@ def flarewire_bytes(state: dict[str, torch.Tensor]) -> int:
     from nvflare.app_opt.pt.decomposers import TensorDecomposer
     from nvflare.fuel.utils import fobs
 
-    from flare_lora.components.flare.controller import wire_bytes
+    from flare_lora.components.flare.workflow import wire_bytes
 
     fobs.register(TensorDecomposer)
     meta = {"num_examples": 1000, "rank": 16, "alpha": 32.0, "merged_rounds": 3, "base_digest": "0" * 64}

@@ -37,6 +37,7 @@ REFUSED = {  # (job, option) -> why that job refuses it
        for key in ("variant", "temperature", "weighting", "similarity", "axis", "target")},
     ("fedcdd", "--he"): "FedCDD's aggregation is nonlinear: ciphertexts cannot be aggregated by it",
     ("one-shot", "--checkpoint-dir"): "one round: no round to checkpoint or resume after",
+    ("one-shot", "--task-timeout"): "--deadline, --late-grace and --timeout end the one round",
 }
 WITH_CODE = {"--no-byoc", "--in-process", "--site-script"}  # need a job that carries code (the base has --no-byoc)
 

@@ -131,15 +131,19 @@ def test_a_bad_lora_update_is_rejected_and_leaves_the_stack_untouched():
         ({"min_sites": 4}, r"min_sites: expected an int in \[1, 3\]"),
         ({"late_grace": -1}, "late_grace"),
         ({"method": "zero_pad"}, "method: expected one of"),
+        ({"method": "fedit", "sites": {"site-1": {"rank": 2}, "site-2": {"rank": 4}}},
+         "site 'site-2': key 'rank': fedit needs the same value at every site"),
+        ({"task_timeout": 60}, "task_timeout: not an option of the one-shot job"),
+        ({"checkpoint_dir": "ckpt"}, "checkpoint_dir: not an option of the one-shot job"),
     ],
 )
 def test_recipe_config_errors_before_the_job_starts(kwargs, match, tiny_model_dir):
     from flare_lora.components.flare.one_shot_recipe import OneShotRecipe
     from flare_lora.components.training.config import ConfigError
 
-    sites = {f"site-{k}": {"rank": 2, "alpha": 4} for k in (1, 2, 3)}
+    kwargs = {"sites": {f"site-{k}": {"rank": 2, "alpha": 4} for k in (1, 2, 3)}, **kwargs}
     with pytest.raises(ConfigError, match=match):
-        OneShotRecipe(sites=sites, model=str(tiny_model_dir), **kwargs)
+        OneShotRecipe(model=str(tiny_model_dir), **kwargs)
 
 
 # ------------------------------------------------------------------------------------ end to end

@@ -168,7 +168,7 @@ class OneShotController(FederatedWorkflow):
         rank = declared.get("rank", meta.get("rank"))
         checked, state = self.aggregator.vet(result.params, rank, site)
         update = SiteUpdate(site=site, state=checked, num_examples=meta.get("num_examples", 0), rank=rank or 1,
-                            alpha=declared.get("alpha", meta.get("alpha", 1.0)))
+                            alpha=declared.get("alpha", meta.get("alpha", 0.0 if self.strategy.lora else 1.0)))
         if self.strategy.lora:
             update.rank = rank
             check_update(update)

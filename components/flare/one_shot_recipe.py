@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from flare_lora.components.flare.one_shot_controller import OneShotController, check_one_shot_options
-from flare_lora.components.flare.recipe_base import SiteRecipe
+from flare_lora.components.flare.recipe_base import SiteRecipe, check_same
 from flare_lora.components.training.config import ConfigError, SiteConfig
 
 
@@ -28,13 +28,14 @@ class OneShotRecipe(SiteRecipe):
         evaluate_global: bool = False,
         **common,
     ):
-        """Args: those of SiteRecipe, less num_rounds, min_clients, clients_per_round and
-        checkpoint_dir (one round; the global is persisted after every arrival), plus min_sites
+        """Args: those of SiteRecipe, less num_rounds, min_clients, clients_per_round, checkpoint_dir
+        and task_timeout (one round, ended by deadline and timeout; the global is persisted after
+        every arrival), plus min_sites
         (default: all sites), deadline, late_grace, timeout, evaluate_global as in OneShotController."""
-        for key in ("num_rounds", "min_clients", "clients_per_round", "checkpoint_dir"):
-            if common.get(key) not in (None, "", 1 if key == "num_rounds" else None):
-                raise ConfigError(f"{key}: not an option of the one-shot job (one round; min_sites, deadline "
-                                  f"and late_grace decide when it ends), got {common[key]!r}")
+        for key in ("num_rounds", "min_clients", "clients_per_round", "checkpoint_dir", "task_timeout"):
+            if common.get(key) not in (None, "", 0 if key == "task_timeout" else None, 1 if key == "num_rounds" else None):
+                raise ConfigError(f"{key}: not an option of the one-shot job (one round; min_sites, deadline, "
+                                  f"late_grace and timeout decide when it ends), got {common[key]!r}")
             common.pop(key, None)
         min_sites = len(sites) if min_sites is None else min_sites
         try:
@@ -46,12 +47,16 @@ class OneShotRecipe(SiteRecipe):
         self.evaluate_global = evaluate_global
         super().__init__(sites=sites, name=name, num_rounds=1, min_clients=min_sites, **common)
 
+    def check(self, configs: Mapping[str, SiteConfig], *, num_rounds: int, he: bool) -> None:
+        if self.method == "fedit":  # a running average of A's and B's: one rank, alpha and module set
+            check_same(configs, ("rank", "alpha", "target_modules"), "fedit", "use method flora for heterogeneous ranks")
+
     def make_controller(self, configs: Mapping[str, SiteConfig], workflow_args: dict):
         return OneShotController(method=self.method, sites=list(configs), deadline=self.deadline,
                                  late_grace=self.late_grace, timeout=self.timeout,
                                  evaluate_global=self.evaluate_global,
                                  site_configs={s: {"rank": c.rank, "alpha": c.alpha} for s, c in configs.items()},
-                                 **{k: v for k, v in workflow_args.items() if k not in ("clients_per_round", "checkpoint_dir")})
+                                 **{k: v for k, v in workflow_args.items() if k not in ("clients_per_round", "checkpoint_dir", "task_timeout")})
 
     def site_args(self, site: str, index: int, seed: int) -> list[str]:
         return ["--method", self.method]

@@ -95,7 +95,7 @@ class SelectiveController(FederatedWorkflow):
     def identity(self) -> dict:
         return {"method": "selective", "selection": self.selection, "mode": self.mode, "lam": self.lam,
                 "sel_gap": self.sel_gap, "site_budgets": self.site_budgets, "num_layers": self.num_layers,
-                "costs": self.costs, "base_model": self.base_model}
+                "costs": self.costs, "scaling": self.scaling, "base_model": self.base_model}
 
     # --- the workflow --------------------------------------------------------------------
 
@@ -107,21 +107,22 @@ class SelectiveController(FederatedWorkflow):
         self.known_shapes: dict = {}
         self.layer_keys: set[str] | None = None
         self.K = self.num_layers
-        history: list[dict] = []  # the global state after each round (what a checkpoint holds)
         checkpoint, saved = self.open_checkpoint()
+        done = len(saved.rounds) if saved else 0
         if saved:
-            history = saved.rounds
-            self.aggregator.state.update(history[-1] if history else {})
+            self.aggregator.state.update(saved.rounds[-1] if saved.rounds else {})
             self.versions = {int(k): v for k, v in saved.extra["versions"].items()}
-            self.K = saved.extra["num_layers"]
+            self.assigned = {s: list(layers) for s, layers in saved.extra["assigned"].items()}
+            self.K = self.log["num_layers"] = saved.extra["num_layers"]
             self.log["selections"] = saved.extra["selections"]
             self.known_shapes = {k: tuple(v.shape) for k, v in self.aggregator.state.items()}
-        for rnd in range(len(history), self.num_rounds):
+        for rnd in range(done, self.num_rounds):
             self.train_round(rnd)
             self.write_results()
-            history.append(dict(getattr(self.aggregator, "state", {})))
-            self.save_checkpoint(checkpoint, history, {"versions": self.versions, "num_layers": self.K,
-                                                       "selections": self.log["selections"]})
+            # round files already written are not rewritten: the checkpoint reads only this round's state
+            self.save_checkpoint(checkpoint, [None] * rnd + [getattr(self.aggregator, "state", {})],
+                                 {"versions": self.versions, "num_layers": self.K, "assigned": self.assigned,
+                                  "selections": self.log["selections"]})
         results, record = self.run_task("validate", self.live_clients(self.num_rounds), self.num_rounds)
         self.log["final"] = record
         digests = {s: (r.meta or {}).get("digest") for s, r in results.items() if (r.meta or {}).get("digest")}
