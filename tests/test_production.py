@@ -33,6 +33,7 @@ from flare_lora.components.flare.site_policy import (
 )
 from flare_lora.components.strategies import get_method, unpack_rounds
 from flare_lora.components.training.config import ConfigError
+from flare_lora.privacy.he_context import RECOMMENDED, Ckks
 
 IDENTITY = {"method": "flora", "method_options": None, "site_configs": {"site-1": {"rank": 2, "alpha": 4.0}},
             "base_model": "/models/base"}
@@ -233,6 +234,15 @@ def test_project_template_provisions_server_sites_admins_and_he(tmp_path):
     for site in sites:
         assert (prod / site / "startup" / "fed_client.json").is_file()
         assert ts.context_from((prod / site / "startup" / "client_context.tenseal").read_bytes()).has_secret_key()
+    # one source of truth for the CKKS settings: what provisioning wrote, the template's comment, the docs
+    written = Ckks(server, b"").parameters
+    assert (written["poly_modulus_degree"], written["data_prime_bits"], written["scale_bits"]) == (
+        RECOMMENDED["poly_modulus_degree"], RECOMMENDED["coeff_mod_bit_sizes"][:-1], RECOMMENDED["scale_bits"])
+    template = (Path(__file__).parents[1] / "nvflare_jobs" / "provision" / "project.yml").read_text()
+    settings = (f"coeff_mod_bit_sizes: {RECOMMENDED['coeff_mod_bit_sizes']}", f"scale_bits: {RECOMMENDED['scale_bits']}")
+    for text in (template, (Path(__file__).parents[1] / "README.md").read_text(),
+                 (Path(__file__).parents[1] / "docs" / "he.md").read_text()):
+        assert all(setting in text for setting in settings)
 
     with pytest.raises(ValueError, match="expected lower-case"):
         render_project(["Hospital A"])

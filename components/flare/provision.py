@@ -20,10 +20,9 @@ from importlib import resources
 
 import yaml
 
-HE_BUILDER = {
-    "path": "nvflare.lighter.impl.he.HEBuilder",
-    "args": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40, "scheme": "CKKS"},
-}
+from flare_lora.privacy.he_context import RECOMMENDED
+
+HE_BUILDER = {"path": "nvflare.lighter.impl.he.HEBuilder", "args": {**RECOMMENDED, "scheme": "CKKS"}}  # docs/he.md
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
 
