@@ -11,8 +11,9 @@ Accounting: every round is charged to the site's :class:`~flare_lora.privacy.led
 it trains (σ, q, steps); ε is Opacus' RDP or PRV accountant over the whole ledger, so it
 accumulates across rounds, jobs and restarts. σ comes from ``dp_noise_multiplier`` or from the
 target ``dp_epsilon`` over ``dp_planned_steps`` (Opacus' ``get_noise_multiplier``). A round that
-would take the ledger past ε_max (``dp_epsilon_max`` or the site admin's
-``FLARE_LORA_DP_EPSILON_MAX[_<SITE>]``, the smaller) is refused before it trains.
+would take the ledger past a budget is refused before it trains: the job's ``dp_epsilon_max`` (at the
+job's δ and accountant) and the site admin's ``dp_epsilon_max`` in ``local/flare_lora.json``
+(components/site_local.py), charged at the site's own ``dp_delta`` / ``dp_accountant`` when set.
 
 Noise and sampling draw from fresh OS entropy unless ``noise_seed`` is given (tests and
 benchmarks): noise seeded from the job's public seed could be subtracted by anyone who reads it.
@@ -25,11 +26,9 @@ per-record gradients for the norms, then the same second pass). docs/dp.md compa
 
 from __future__ import annotations
 
-import os
-import re
 import secrets
 import warnings
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from opacus.accountants.utils import get_noise_multiplier
@@ -38,6 +37,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from flare_lora.components.site_local import SiteLocal
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.privacy.ledger import PrivacyLedger, ledger_path, site_root
 
@@ -45,7 +45,6 @@ DEFAULT_DELTA = 1e-5
 DEFAULT_MAX_GRAD_NORM = 1.0
 DEFAULT_ACCOUNTANT = "rdp"
 DEFAULT_CLIPPING = "hooks"
-BUDGET_ENV = "FLARE_LORA_DP_EPSILON_MAX"
 LEDGER_NAME = "dp_sgd.json"
 
 
@@ -57,33 +56,21 @@ class DPUnsupported(RuntimeError):
     """Opacus cannot make this model's trainable layers private; nothing was trained."""
 
 
-def admin_budget(site: str, environ: Mapping[str, str] | None = None) -> float | None:
-    """The site admin's ε budget from the FLARE client's environment (the job cannot set it).
+@dataclass(frozen=True)
+class Budget:
+    """An ε limit, measured at its own δ and accountant; ``source`` names the setting."""
 
-    ``FLARE_LORA_DP_EPSILON_MAX_<SITE>`` (site upper-cased, other characters ``_``) wins over
-    ``FLARE_LORA_DP_EPSILON_MAX``.
-    """
-    environ = os.environ if environ is None else environ
-    specific = f"{BUDGET_ENV}_{re.sub(r'[^A-Za-z0-9]', '_', site).upper()}"
-    for name in (specific, BUDGET_ENV):
-        text = (environ.get(name) or "").strip()
-        if not text:
-            continue
-        try:
-            value = float(text)
-        except ValueError:
-            value = 0.0
-        if not 0 < value < float("inf"):
-            raise ConfigError(f"site {site!r}: {name}={text!r}: expected a finite number > 0")
-        return value
-    return None
+    limit: float
+    delta: float
+    accountant: str
+    source: str
 
 
 class DPSGD:
     """DP-SGD settings of one site, its ledger and budget; ``session`` makes one round private."""
 
     def __init__(self, cfg: SiteConfig, num_records: int, *, site: str = "", ledger: PrivacyLedger | None = None,
-                 epsilon_max: float | None = None, noise_seed: int | None = None):
+                 local: SiteLocal | None = None, noise_seed: int | None = None):
         if not cfg.dp:
             raise ConfigError(f"site {site!r}: key 'dp_epsilon': DPSGD needs dp_epsilon or dp_noise_multiplier")
         if num_records < 1:
@@ -109,27 +96,32 @@ class DPSGD:
                 target_epsilon=cfg.dp_epsilon, target_delta=self.delta, sample_rate=self.sample_rate,
                 steps=cfg.dp_planned_steps, accountant=self.accountant,
             )
-        budgets = [b for b in (cfg.dp_epsilon_max, epsilon_max) if b is not None]
-        self.epsilon_max = min(budgets) if budgets else None
+        self.budgets = [Budget(cfg.dp_epsilon_max, self.delta, self.accountant, "the job's dp_epsilon_max")] \
+            if cfg.dp_epsilon_max is not None else []
+        if local is not None and local.dp_epsilon_max is not None:  # the site admin's, charged the site's way
+            self.budgets.append(Budget(local.dp_epsilon_max, local.dp_delta or self.delta,
+                                       local.dp_accountant or self.accountant, f"dp_epsilon_max of {local.path}"))
+        self.epsilon_max = min((b.limit for b in self.budgets), default=None)
         self.ledger = ledger or PrivacyLedger()
         self.noise_seed = noise_seed
-        spent = self.spent
-        if self.epsilon_max is not None and spent >= self.epsilon_max:
-            raise ConfigError(
-                f"site {site!r}: key 'dp_epsilon_max': budget {self.epsilon_max:g} already spent "
-                f"(ε={spent:.3f} at δ={self.delta:g} over {self.ledger.steps} DP steps, ledger "
-                f"{self.ledger.path or 'in memory'}); refusing to train"
-            )
+        for budget in self.budgets:
+            spent = self.ledger.epsilon(budget.delta, budget.accountant)
+            if spent >= budget.limit:
+                raise ConfigError(
+                    f"site {site!r}: key 'dp_epsilon_max': budget {budget.limit:g} ({budget.source}) already spent "
+                    f"(ε={spent:.3f} at δ={budget.delta:g} over {self.ledger.steps} DP steps, ledger "
+                    f"{self.ledger.path or 'in memory'}); refusing to train"
+                )
 
     @classmethod
-    def for_site(cls, cfg: SiteConfig, site: str, num_records: int, *, workspace: str | None = None,
-                 environ: Mapping[str, str] | None = None) -> DPSGD | None:
+    def for_site(cls, cfg: SiteConfig, site: str, num_records: int, local: SiteLocal, *,
+                 workspace: str | None = None) -> DPSGD | None:
         """What a FLARE site trains with: None without DP; the ledger in the site's workspace
-        (found from ``workspace`` or the working directory); budget from config and admin."""
+        (found from ``workspace`` or the working directory); budgets of the job and the site admin."""
         if not cfg.dp:
             return None
         path = ledger_path(site_root(workspace), LEDGER_NAME)
-        return cls(cfg, num_records, site=site, ledger=PrivacyLedger(path), epsilon_max=admin_budget(site, environ))
+        return cls(cfg, num_records, site=site, ledger=PrivacyLedger(path), local=local)
 
     @property
     def spent(self) -> float:
@@ -152,13 +144,15 @@ class DPSGD:
         just before the first parameter update."""
         if num_records != self.num_records:
             raise ValueError(f"site {self.site!r}: DP-SGD was set up for {self.num_records} records, got {num_records}")
-        after = self.epsilon_after(cfg.local_steps)
-        if self.epsilon_max is not None and after > self.epsilon_max:
-            raise PrivacyBudgetExceeded(
-                f"site {self.site!r}: key 'dp_epsilon_max': this round's {cfg.local_steps} DP steps would spend "
-                f"ε={after:.3f} > budget {self.epsilon_max:g} (spent so far {self.spent:.3f} at δ={self.delta:g}); "
-                "refusing to train"
-            )
+        release = (self.noise_multiplier, self.sample_rate, cfg.local_steps)
+        for budget in self.budgets:
+            after = self.ledger.epsilon(budget.delta, budget.accountant, release)
+            if after > budget.limit:
+                raise PrivacyBudgetExceeded(
+                    f"site {self.site!r}: key 'dp_epsilon_max': this round's {cfg.local_steps} DP steps would spend "
+                    f"ε={after:.3f} at δ={budget.delta:g} > budget {budget.limit:g} ({budget.source}; spent so far "
+                    f"{self.ledger.epsilon(budget.delta, budget.accountant):.3f}); refusing to train"
+                )
         return _Session(self, model, optimizer, cfg)
 
     def charge(self, steps: int, seed: int) -> None:

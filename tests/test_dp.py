@@ -21,7 +21,8 @@ from flare_lora.components.training.lora import add_lora, layer_state, lora_stat
 from flare_lora.components.training.models import load_model_and_tokenizer
 from flare_lora.components.training.trainer import _sample_losses, train_lora
 from flare_lora.privacy.client_dp import clip_update, client_epsilon, privatize, update_norm
-from flare_lora.privacy.dp_sgd import DPSGD, DPUnsupported, PrivacyBudgetExceeded, admin_budget
+from flare_lora.components.site_local import SiteLocal
+from flare_lora.privacy.dp_sgd import DPSGD, DPUnsupported, PrivacyBudgetExceeded
 from flare_lora.privacy.ledger import PrivacyLedger, site_root
 from flare_lora.privacy.update_reference import META_KEY, load_reference, save_reference
 
@@ -164,11 +165,20 @@ def test_budget_refuses_before_training_and_survives_restarts(site, tmp_path):
     # a restart with a budget already spent fails before training, naming site and key
     with pytest.raises(ConfigError, match="site 'site-2': key 'dp_epsilon_max': budget .* already spent"):
         DPSGD(dp_config(dp_epsilon_max=one_round * 0.9), len(RECORDS), site="site-2", ledger=PrivacyLedger(path))
-    # the site admin's budget (environment) wins when smaller
+    # the site admin's budget (local/flare_lora.json) is charged at the site's own δ: the job's
+    # looser budget and δ cannot stretch it
+    spent = PrivacyLedger(path).epsilon(1e-5)
+    admin = SiteLocal.parse('{"dp_epsilon_max": %r, "dp_delta": 1e-9}' % (spent * 1.01), "site-2", "kit/local/x.json")
+    assert PrivacyLedger(path).epsilon(1e-9) > spent * 1.01
+    with pytest.raises(ConfigError, match=r"budget [0-9.]+ \(dp_epsilon_max of kit/local/x.json\) already spent"):
+        DPSGD(dp_config(dp_epsilon_max=100.0), len(RECORDS), site="site-2", ledger=PrivacyLedger(path), local=admin)
+    # ... and the environment is the fallback where the file leaves the budget unset
     env = {"FLARE_LORA_DP_EPSILON_MAX_SITE_2": "0.5", "FLARE_LORA_DP_EPSILON_MAX": "9"}
-    assert admin_budget("site-2", env) == 0.5 and admin_budget("site-1", env) == 9.0
+    assert SiteLocal(site="site-2").with_environment(env).dp_epsilon_max == 0.5
+    assert SiteLocal(site="site-1").with_environment(env).dp_epsilon_max == 9.0
+    assert SiteLocal(site="site-2", dp_epsilon_max=2.0).with_environment(env).dp_epsilon_max == 2.0
     with pytest.raises(ConfigError, match="FLARE_LORA_DP_EPSILON_MAX_SITE_2='x'"):
-        admin_budget("site-2", {"FLARE_LORA_DP_EPSILON_MAX_SITE_2": "x"})
+        SiteLocal(site="site-2").with_environment({"FLARE_LORA_DP_EPSILON_MAX_SITE_2": "x"})
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="refusing to start from an empty budget"):
         PrivacyLedger(str(tmp_path / "bad.json"))
@@ -181,9 +191,9 @@ def test_site_workspace_holds_the_ledger(tmp_path):
     app = root / "job-1" / "app_site-1"
     app.mkdir(parents=True)
     assert site_root(str(app)) == str(root) and site_root(str(tmp_path)) is None
-    dp = DPSGD.for_site(dp_config(), "site-1", len(RECORDS), workspace=str(app), environ={})
+    dp = DPSGD.for_site(dp_config(), "site-1", len(RECORDS), SiteLocal(site="site-1"), workspace=str(app))
     assert dp.ledger.path == str(root / "flare_lora_privacy" / "dp_sgd.json")
-    assert DPSGD.for_site(SiteConfig(), "site-1", len(RECORDS)) is None
+    assert DPSGD.for_site(SiteConfig(), "site-1", len(RECORDS), SiteLocal(site="site-1")) is None
 
 
 # --- bad input ----------------------------------------------------------------------------------

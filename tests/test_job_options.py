@@ -75,7 +75,7 @@ def values(data: Path, site_config: Path, other_model: Path) -> dict[str, tuple[
         "--late-grace": ([], ["--late-grace", "30"]), "--timeout": ([], ["--timeout", "7200"]),
         "--budgets": ([], ["--budgets", "1,2"]), "--lam": ([], ["--lam", "0.5"]), "--sel-gap": ([], ["--sel-gap", "2"]),
         "--score-batches": ([], ["--score-batches", "3"]), "--costs": ([], ["--costs", "1,1"]),
-        "--rank": ([], ["--rank", "4"]),
+        "--rank": ([], ["--rank", "4"]), "--sites": ([], ["--sites", "hospital-a,hospital-b"]),
     }
 
 

@@ -10,7 +10,8 @@ from conftest import TOKENIZER_DIR
 
 from flare_lora.components.algorithms.layer_average import layer_of
 from flare_lora.components.data.synthetic import default_site_data
-from flare_lora.components.flare.client_train import SelectiveSite, budget_cap
+from flare_lora.components.flare.client_train import SelectiveSite
+from flare_lora.components.site_local import SiteLocal
 from flare_lora.components.flare.selective_recipe import SelectiveRecipe
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.components.training.lora import add_lora, layer_state, reset_lora
@@ -27,7 +28,7 @@ def tiny4_model_dir(tmp_path_factory) -> str:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), TOKENIZER_DIR, layers=4)
 
 
-def site(model_dir, mode, budget=2, environ=None):
+def site(model_dir, mode, budget=2, layer_cap=None):
     model, tokenizer = load_model_and_tokenizer(model_dir)
     cfg = SiteConfig(rank=2, alpha=4.0, local_steps=2, batch_size=2, threads=1, max_eval=4, lr=1e-2)
     if mode == "lora":
@@ -38,7 +39,7 @@ def site(model_dir, mode, budget=2, environ=None):
             p.requires_grad_(False)
     train, evaluation = default_site_data(0, n_train=8, n_eval=4)
     return SelectiveSite(model, tokenizer, train, evaluation, cfg, site="site-2", mode=mode, budget=budget,
-                         score_batches=2, environ=environ or {})
+                         score_batches=2, layer_cap=layer_cap)
 
 
 # --- the site task handler (no FLARE) ------------------------------------------------------
@@ -69,13 +70,13 @@ def test_site_scores_then_trains_only_its_layers_and_stays_global(tiny4_model_di
     assert changed == {1}
 
 
-def test_site_budget_cap_from_the_site_environment(tiny4_model_dir):
-    assert budget_cap("site-2", {"FLARE_LORA_MAX_LAYERS": "3", "FLARE_LORA_MAX_LAYERS_SITE_2": "1"}) == 1
-    assert budget_cap("site-1", {"FLARE_LORA_MAX_LAYERS": "3", "FLARE_LORA_MAX_LAYERS_SITE_2": "1"}) == 3
-    assert budget_cap("site-1", {}) is None
+def test_site_layer_cap_from_the_site_kit_or_environment(tiny4_model_dir):
+    env = {"FLARE_LORA_MAX_LAYERS": "3", "FLARE_LORA_MAX_LAYERS_SITE_2": "1"}
+    cap = lambda name, environ, **kit: SiteLocal(site=name, **kit).with_environment(environ).max_layers  # noqa: E731
+    assert (cap("site-2", env), cap("site-1", env), cap("site-1", {}), cap("site-2", env, max_layers=2)) == (1, 3, None, 2)
     with pytest.raises(ValueError, match="site 'site-1': FLARE_LORA_MAX_LAYERS='zero'"):
-        budget_cap("site-1", {"FLARE_LORA_MAX_LAYERS": "zero"})
-    s = site(tiny4_model_dir, "full", budget=3, environ={"FLARE_LORA_MAX_LAYERS_SITE_2": "1"})
+        cap("site-1", {"FLARE_LORA_MAX_LAYERS": "zero"})
+    s = site(tiny4_model_dir, "full", budget=3, layer_cap=1)
     _, _, meta = s.handle("score", {}, {})
     assert (meta["budget"], meta["budget_configured"], meta["budget_cap"]) == (1, 3, 1)
 

@@ -26,26 +26,38 @@ def add_common_args(p: argparse.ArgumentParser, *, ranks: bool = True, rounds: b
     """``ranks=False``: the job sets the number of sites and their rank itself (selective);
     ``rounds=False``: a job of one round that ends by its own rule (one-shot)."""
     g = p.add_argument_group("sites")
+    g.add_argument("--sites", default=None, metavar="NAMES",
+                   help="the job's site names, comma-separated, as provisioned (e.g. hospital-a,hospital-b); "
+                        "default site-1..N, N from the per-site list")
     if ranks:
-        g.add_argument("--ranks", default="4,8,16", help="LoRA rank per site; the count sets the number of sites")
+        g.add_argument("--ranks", default=None,
+                       help="LoRA rank per site, in --sites order (or one for all); without --sites the count sets "
+                            "the number of sites (default 4,8,16; with --sites: 8)")
     g.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio * rank at every site")
     g.add_argument("--target-modules", default="q_proj,v_proj")
     g.add_argument("--steps", type=int, default=None, help="local optimizer steps per round")
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--threads", type=int, default=None, help="torch threads per site (default: cores / sites)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per site (default: cores / sites here; exported and prod jobs: the site's "
+                        "max_threads, else torch's default)")
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the base model's dtype at every site (default float32; LoRA factors stay float32)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more compute (not with DP-SGD)")
-    g.add_argument("--site-config", default=None, help="JSON file {site: {key: value}} overriding the above")
+    g.add_argument("--site-config", default=None,
+                   help="JSON file {site: {key: value}} overriding the above per site (only the job's sites)")
     g = p.add_argument_group("job")
     if rounds:
         g.add_argument("--rounds", type=int, default=3)
         g.add_argument("--min-clients", type=int, default=None, help="fewest valid updates a round needs")
         g.add_argument("--clients-per-round", type=int, default=None, help="partial participation")
-    g.add_argument("--model", default=None, help="local model dir (safetensors or GGUF); default: embedded SmolLM2")
-    g.add_argument("--data", default=None, help="dir with <site>.jsonl per site; default: embedded tasks")
+    g.add_argument("--model", default=None,
+                   help="model dir (safetensors or GGUF), or a name each site maps in its local/flare_lora.json; "
+                        "default: embedded SmolLM2")
+    g.add_argument("--data", default=None,
+                   help="dir with <site>.jsonl per site, or a name each site maps in its local/flare_lora.json; "
+                        "default: embedded tasks. Paths are checked before a simulator or POC run, not at export")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--in-process", action="store_true", help="run site training inside the FLARE client process")
     g.add_argument("--max-trainer-restarts", type=int, default=None, metavar="N",

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 
 from flare_lora.components.cli.common_args import add_common_args, job_parser
-from flare_lora.components.cli.recipe_args import build_sites, int_list, recipe_kwargs
+from flare_lora.components.cli.recipe_args import build_sites, int_list, ranks, recipe_kwargs
 from flare_lora.components.cli.runner import Job
 
+DEMO_RANKS = ("4,8,16", "8,8,8")  # without --sites / --ranks; FedCDD (factors) needs equal ranks
 FEDCDD_KEYS = ("variant", "temperature", "weighting", "similarity", "axis", "target")
 MASK_KEYS = ("sigma", "mode", "importance")  # besides rho, which switches the mask on
 
@@ -73,8 +74,8 @@ def build(args, exporting: bool) -> Job:
     from flare_lora.components.flare.recipe import LoraRecipe
 
     name = args.name or args.method
-    sites = build_sites(args, int_list("--ranks", args.ranks))
-    recipe = LoraRecipe(name=name, method=args.method, sites=sites, num_rounds=args.rounds,
+    sites, shared = build_sites(args, exporting, rank=("--ranks", int_list("--ranks", ranks(args, DEMO_RANKS[args.method == "fedcdd"]))))
+    recipe = LoraRecipe(name=name, method=args.method, sites=sites, site_defaults=shared, num_rounds=args.rounds,
                         min_clients=args.min_clients, clients_per_round=args.clients_per_round,
                         **recipe_kwargs(args, exporting), **fedcdd_kwargs(args))
-    return Job(recipe, name, sites, f"{name}: ranks {args.ranks}")
+    return Job(recipe, name, recipe.sites, f"{name}: ranks {[c['rank'] for c in recipe.sites.values()]}")

@@ -20,7 +20,7 @@ from flare_lora.components.flare.nvflare_compat import export_requested
 # job name -> (module in this package, its parser defaults); nvflare_jobs/<folder>/job.py run the same
 JOBS = {
     "flora": ("lora_job", {}),
-    "fedcdd": ("lora_job", {"method": "fedcdd", "ranks": "8,8,8"}),
+    "fedcdd": ("lora_job", {"method": "fedcdd"}),
     "one-shot": ("one_shot_job", {}),
     "selective": ("selective_job", {}),
 }

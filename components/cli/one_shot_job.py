@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 from flare_lora.components.cli.common_args import add_common_args, job_parser
-from flare_lora.components.cli.recipe_args import build_sites, int_list, recipe_kwargs
+from flare_lora.components.cli.recipe_args import build_sites, int_list, ranks, recipe_kwargs
 from flare_lora.components.cli.runner import Job
 
 FULL_LR = 5e-5  # every weight moves: LoRA's default 5e-4 is too large for full fine-tuning
@@ -52,9 +52,9 @@ def build(args, exporting: bool) -> Job:
     if args.method == "full" and args.lr is None:
         args.lr = FULL_LR
     name = args.name or f"one_shot_{args.method}"
-    sites = build_sites(args, int_list("--ranks", args.ranks))
-    recipe = OneShotRecipe(name=name, sites=sites, method=args.method, min_sites=args.min_sites,
+    sites, shared = build_sites(args, exporting, rank=("--ranks", int_list("--ranks", ranks(args))))
+    recipe = OneShotRecipe(name=name, sites=sites, site_defaults=shared, method=args.method, min_sites=args.min_sites,
                            deadline=args.deadline, late_grace=args.late_grace, timeout=args.timeout,
                            evaluate_global=args.evaluate_global, **recipe_kwargs(args, exporting))
-    what = "full-parameter" if args.method == "full" else f"ranks {args.ranks}"
-    return Job(recipe, name, sites, f"{name}: {what}")
+    what = "full-parameter" if args.method == "full" else f"ranks {[c['rank'] for c in recipe.sites.values()]}"
+    return Job(recipe, name, recipe.sites, f"{name}: {what}")

@@ -12,38 +12,83 @@ import os
 import shlex
 import sys
 
+from flare_lora.components.training.config import SiteConfig
 from flare_lora.privacy.dp_config import client_dp_options, dp_site_settings
 
 DEFAULT_RESTARTS = 3
 
 
-def int_list(option: str, text: str) -> list[int]:
-    """Comma-separated integers of ``option`` (e.g. --ranks 4,8,16)."""
+def int_list(option: str, text: str | None) -> list[int] | None:
+    """Comma-separated integers of ``option`` (e.g. --ranks 4,8,16); None when not given."""
+    if text is None:
+        return None
     try:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise ValueError(f"{option}: expected comma-separated integers, got {text!r}") from None
 
 
-def build_sites(args, ranks: list[int]) -> dict[str, dict]:
-    """{site-1: {rank, alpha, ...}, ...}, one per rank, from the shared flags, then --site-config."""
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(ranks)))
-    sites = {}
-    for i, rank in enumerate(ranks):
-        cfg = {"rank": rank, "alpha": args.alpha_ratio * rank, "threads": threads, "seed": args.seed}
-        cfg["target_modules"] = [m for m in args.target_modules.split(",") if m]
-        for key, value in (("local_steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
-                           ("dtype", args.dtype), ("gradient_checkpointing", args.gradient_checkpointing or None)):
-            if value is not None:
-                cfg[key] = value
-        cfg.update(dp_site_settings(args))
-        sites[f"site-{i + 1}"] = cfg
-    if args.site_config:
-        with open(args.site_config) as f:
+def build_sites(args, exporting: bool, **per_site: tuple[str, list | None]) -> tuple[dict[str, dict], dict]:
+    """(each site's own config, the config every site shares) from the flags.
+
+    Sites: ``--sites a,b,c``, or site-1..N with N the length of the first per-site list given
+    (``per_site``: {config key: (option, values)}, e.g. rank=("--ranks", [4, 8, 16])). A per-site
+    list has one value per site, in order (or one value for all); --site-config then overrides
+    per site and may name only the job's sites. alpha is --alpha-ratio × each site's final rank
+    unless a site sets its own.
+    """
+    given = {key: (option, values) for key, (option, values) in per_site.items() if values is not None}
+    from flare_lora.components.flare.recipe_base import check_site_names
+
+    if args.sites is not None:
+        names = [n.strip() for n in args.sites.split(",")]
+        if not all(names):
+            raise ValueError(f"--sites: expected comma-separated site names, got {args.sites!r}")
+    else:
+        count = len(next(iter(given.values()))[1]) if given else 0
+        names = [f"site-{i + 1}" for i in range(count)]
+    check_site_names(names, "--sites")
+    own: dict[str, dict] = {name: {} for name in names}
+    for key, (option, values) in given.items():
+        if len(values) not in (1, len(names)):
+            raise ValueError(f"{option}: expected {len(names)} values (one per site of {names}) or one for all, "
+                             f"got {len(values)}: {values}")
+        for i, name in enumerate(names):
+            own[name][key] = values[i if len(values) > 1 else 0]
+    for site, cfg in site_config_file(args.site_config, names).items():
+        own[site].update(cfg)
+    for site, cfg in own.items():
+        cfg.setdefault("alpha", args.alpha_ratio * cfg.get("rank", SiteConfig.rank))
+    here = args.env != "prod" and not exporting  # on machines of their own, a site decides its threads
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // len(names)) if here else None)
+    shared = {"seed": args.seed, "target_modules": [m for m in args.target_modules.split(",") if m]}
+    for key, value in (("threads", threads), ("local_steps", args.steps), ("lr", args.lr),
+                       ("batch_size", args.batch_size), ("dtype", args.dtype),
+                       ("gradient_checkpointing", args.gradient_checkpointing or None)):
+        if value is not None:
+            shared[key] = value
+    shared.update(dp_site_settings(args))
+    return own, shared
+
+
+def site_config_file(path: str | None, names: list[str]) -> dict[str, dict]:
+    """--site-config: {site: {key: value}} for sites of the job only."""
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
             overrides = json.load(f)
-        for site, cfg in overrides.items():
-            sites.setdefault(site, {"threads": threads, "seed": args.seed}).update(cfg)
-    return sites
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--site-config: {path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+    except OSError as e:
+        raise ValueError(f"--site-config: {e}") from None
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ValueError(f"--site-config: {path}: expected {{site: {{key: value}}}}, got {overrides!r}")
+    for site in overrides:
+        if site not in names:
+            raise ValueError(f"--site-config: {path}: site {site!r} is not a site of this job; its sites are {names} "
+                             "(name them with --sites)")
+    return overrides
 
 
 def recipe_kwargs(args, exporting: bool) -> dict:
@@ -100,3 +145,8 @@ def he_kwargs(args, exporting: bool) -> dict:
 
     folder = os.path.join(os.path.abspath(args.workspace or "/tmp/flare_lora/sim"), "he_contexts")
     return {"he": True, "he_context_dir": provision_sim_contexts(folder)}
+
+
+def ranks(args, demo: str = "4,8,16") -> str | None:
+    """--ranks, defaulting to the 3-site demo ranks when --sites does not name the sites."""
+    return args.ranks if args.ranks is not None or args.sites is not None else demo

@@ -42,6 +42,8 @@ def run_job(parser, build: Callable[..., Job], argv=None, *, export: bool = Fals
             print(f"job exported to {os.path.join(export_dir(), job.name)}  (nvflare job submit -j that_dir)")
             return 0
         env = make_env(args, job.sites)
+        if args.env != "prod":  # the sites' model, data and limits, before anything starts
+            job.recipe.check_local_sites(getattr(env, "local_files", {}))
     except (ValueError, FileNotFoundError) as e:  # ConfigError too: one line naming site and key
         print(f"error: {e}", file=sys.stderr)
         return 2

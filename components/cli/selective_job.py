@@ -24,6 +24,7 @@ from flare_lora.components.cli.recipe_args import build_sites, int_list, recipe_
 from flare_lora.components.cli.runner import Job
 
 LAM = 0.1
+DEMO_BUDGETS = "2,4,8"
 
 
 def parser(prog: str | None = None, **defaults) -> argparse.ArgumentParser:
@@ -31,9 +32,10 @@ def parser(prog: str | None = None, **defaults) -> argparse.ArgumentParser:
 
     p = job_parser(__doc__, prog)
     g = p.add_argument_group("selective layers")
-    g.add_argument("--budgets", default="2,4,8",
-                   help="layers each site trains per round; the count sets the number of sites (a site's "
-                        "admin can lower its own with FLARE_LORA_MAX_LAYERS[_<SITE>])")
+    g.add_argument("--budgets", default=None,
+                   help="layers each site trains per round, one per site of --sites (or one for all); without "
+                        f"--sites the count sets the number of sites (default {DEMO_BUDGETS}; with --sites: "
+                        "every layer). A site's admin can lower its own with max_layers in local/flare_lora.json")
     g.add_argument("--selection", choices=CRITERIA, default="selective")
     g.add_argument("--mode", choices=["lora", "full"], default="lora",
                    help="train the chosen layers' LoRA factors (FedIT-averaged per layer) or their full weights")
@@ -49,21 +51,20 @@ def parser(prog: str | None = None, **defaults) -> argparse.ArgumentParser:
 
 
 def build(args, exporting: bool) -> Job:
-    """Sites from --budgets (a --site-config "budget" wins over it)."""
+    """Sites from --sites / --budgets (a --site-config "budget" wins over it)."""
     from flare_lora.components.flare.selective_recipe import SelectiveRecipe
 
     if args.lam is not None and args.selection != "selective":
         raise ValueError(f"--lam: weighs the selective solver's consistency term; --selection {args.selection} has none")
     lam = LAM if args.lam is None else args.lam
-    budgets = int_list("--budgets", args.budgets)
-    sites = build_sites(args, [args.rank] * len(budgets))
-    for cfg, budget in zip(sites.values(), budgets):
-        cfg.setdefault("budget", budget)
+    budgets = args.budgets if args.budgets is not None or args.sites is not None else DEMO_BUDGETS
+    sites, shared = build_sites(args, exporting, budget=("--budgets", int_list("--budgets", budgets)))
+    shared["rank"] = args.rank
     name = args.name or f"selective_{args.selection}"
     recipe = SelectiveRecipe(
-        name=name, sites=sites, selection=args.selection, mode=args.mode, lam=lam, sel_gap=args.sel_gap,
+        name=name, sites=sites, site_defaults=shared, selection=args.selection, mode=args.mode, lam=lam, sel_gap=args.sel_gap,
         score_batches=args.score_batches, num_rounds=args.rounds, min_clients=args.min_clients,
         clients_per_round=args.clients_per_round, costs=int_list("--costs", args.costs) if args.costs else None,
         **recipe_kwargs(args, exporting),
     )
-    return Job(recipe, name, sites, f"{name}: mode {args.mode}, budgets {args.budgets}, λ={lam}")
+    return Job(recipe, name, recipe.sites, f"{name}: mode {args.mode}, budgets {list(recipe.budgets.values())}, λ={lam}")

@@ -22,14 +22,17 @@ def load_site_data(
     """(train, eval) records for ``site_name``.
 
     With no data_dir: the embedded default data for ``site_index`` (n_train, n_eval, seed).
-    Otherwise ``<data_dir>/<site_name>.jsonl``, plus ``<site_name>.eval.jsonl`` when it exists;
+    Otherwise ``<data_dir>/<site_name>.jsonl``, plus ``<site_name>.eval.jsonl`` when it exists (or,
+    where a site maps a dataset to its own file, that ``<name>.jsonl`` and ``<name>.eval.jsonl``);
     without that file a seeded shuffle holds out ``eval_fraction`` of the records, so every run
     (and every round) evaluates on the same records.
     """
     if data_dir is None:
         return default_site_data(site_index, n_train=n_train, n_eval=n_eval, seed=seed)
-    directory = Path(data_dir)
-    train_path = directory / f"{site_name}.jsonl"
+    directory, stem = Path(data_dir), site_name
+    if directory.is_file():  # this site's own records file
+        directory, stem = directory.parent, directory.name.removesuffix(".jsonl")
+    train_path = directory / f"{stem}.jsonl"
     if not train_path.is_file():
         if not directory.is_dir():
             there = f"{directory} does not exist"
@@ -39,7 +42,7 @@ def load_site_data(
     train = load_jsonl(train_path)
     if not train:
         raise DataError(f"site {site_name!r} has 0 training records: {train_path} is empty")
-    eval_path = directory / f"{site_name}.eval.jsonl"
+    eval_path = directory / f"{stem}.eval.jsonl"
     if eval_path.is_file():
         evaluation = load_jsonl(eval_path)
     else:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -26,7 +24,9 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from flare_lora.components.algorithms.merge import weights_digest
 from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.flare.ddp import SiteGroup
+from flare_lora.components.flare.site_admission import admit_job
 from flare_lora.components.flare.site_args import from_args
+from flare_lora.components.site_local import SiteLocal
 from flare_lora.components.strategies import get_method
 from flare_lora.components.training.config import SiteConfig
 from flare_lora.components.training.lora import (
@@ -52,8 +52,10 @@ log = logging.getLogger("flare_lora.client")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--method", default="flora")
-    p.add_argument("--model", default=None, help="local model dir (safetensors or GGUF); default: embedded")
-    p.add_argument("--data", default=None, help="dir with <site>.jsonl files; default: embedded tasks")
+    p.add_argument("--model", default=None, help="model dir (safetensors or GGUF), or a name this site maps in "
+                                                 "local/flare_lora.json; default: embedded")
+    p.add_argument("--data", default=None, help="dir with <site>.jsonl files or one site's .jsonl file, or a name "
+                                                "this site maps in local/flare_lora.json; default: embedded tasks")
     p.add_argument("--site-index", type=int, default=0, help="picks the embedded task mix")
     p.add_argument("--site-config", nargs="*", default=[], help="key=value tokens: rank=8 alpha=16 ...")
     g = p.add_argument_group("selective layers (--method selective)")
@@ -70,11 +72,13 @@ def main(argv=None) -> None:
     flare.init(rank=group.rank)
     site = group.share(flare.get_site_name())
     cfg = SiteConfig.from_dict(from_args(args.site_config), site)
+    local, cfg = admit_job(site, cfg, job_id=flare.get_job_id(), processes=group.world)
+    args.model, args.data = local.resolve("model", args.model), local.resolve("data", args.data)
     set_threads(cfg.threads)
     if args.method == SELECTIVE:
         if group.world > 1:
             raise ValueError(f"site {site!r}: --method selective runs one process per site, got {group.world}")
-        serve(SelectiveSite.from_args(args, site, cfg))
+        serve(SelectiveSite.from_args(args, site, cfg, local))
         return
     method = get_method(args.method)
 
@@ -86,7 +90,7 @@ def main(argv=None) -> None:
     train_set, eval_set = load_site_data(args.data, site, args.site_index, seed=cfg.seed)
     log.info(f"{site}: {len(train_set)} train / {len(eval_set)} eval records, "
              + (f"rank {cfg.rank}" if method.lora else "full-parameter fine-tuning"))
-    dp = DPSGD.for_site(cfg, site, len(train_set))  # None without DP; a spent budget fails here
+    dp = DPSGD.for_site(cfg, site, len(train_set), local)  # None without DP; a spent budget fails here
     if dp is not None and group.world > 1:
         raise DPUnsupported(f"site {site!r}: DP-SGD with {group.world} DDP processes is not supported; use --ddp 1")
     merged = 0
@@ -138,30 +142,6 @@ def dp_metrics(metrics: dict, dp: DPSGD | None) -> dict:
 # --- selective-layer fine-tuning ------------------------------------------------------------
 
 SELECTIVE = "selective"
-BUDGET_CAP_ENV = "FLARE_LORA_MAX_LAYERS"
-
-
-def budget_cap(site: str, environ: Mapping[str, str] | None = None) -> int | None:
-    """The site admin's cap on the layers this site trains per round, from its environment.
-
-    ``FLARE_LORA_MAX_LAYERS_<SITE>`` (site name upper-cased, other characters as ``_``, e.g.
-    ``FLARE_LORA_MAX_LAYERS_SITE_2``) wins over ``FLARE_LORA_MAX_LAYERS``. The job cannot set
-    either: they live in the environment of the site's FLARE client process.
-    """
-    environ = os.environ if environ is None else environ
-    specific = f"{BUDGET_CAP_ENV}_{re.sub(r'[^A-Za-z0-9]', '_', site).upper()}"
-    for name in (specific, BUDGET_CAP_ENV):
-        text = environ.get(name)
-        if text is None or not text.strip():
-            continue
-        try:
-            cap = int(text)
-        except ValueError:
-            cap = 0
-        if cap < 1:
-            raise ValueError(f"site {site!r}: {name}={text!r}: expected an integer >= 1")
-        return cap
-    return None
 
 
 class SelectiveSite:
@@ -175,13 +155,13 @@ class SelectiveSite:
 
     def __init__(self, model, tokenizer, train_set, eval_set, cfg: SiteConfig, *, site: str,
                  site_index: int = 0, mode: str = "lora", budget: int | None = None,
-                 score_batches: int = 2, environ: Mapping[str, str] | None = None, dp: DPSGD | None = None):
+                 score_batches: int = 2, layer_cap: int | None = None, dp: DPSGD | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.train_set, self.eval_set = train_set, eval_set
         self.cfg, self.site, self.site_index, self.mode = cfg, site, site_index, mode
         self.num_layers = len(layer_parameters(model, mode))
         self.configured_budget = self.num_layers if budget is None else budget
-        self.budget_cap = budget_cap(site, environ)
+        self.budget_cap = layer_cap  # the site admin's max_layers (local/flare_lora.json): lowers the budget
         self.budget = min(self.configured_budget, self.budget_cap or self.configured_budget)
         self.score_batches = score_batches
         self.versions: dict[int, int] = {}
@@ -189,7 +169,7 @@ class SelectiveSite:
         self.reference: dict = {}  # the global values of the layers last trained: where training started
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, site: str, cfg: SiteConfig) -> SelectiveSite:
+    def from_args(cls, args: argparse.Namespace, site: str, cfg: SiteConfig, local: SiteLocal) -> SelectiveSite:
         model, tokenizer = load_model(args.model, cfg)
         if args.mode == "lora":
             model = add_lora(model, cfg, site)
@@ -200,7 +180,7 @@ class SelectiveSite:
         train_set, eval_set = load_site_data(args.data, site, args.site_index, seed=cfg.seed)
         handler = cls(model, tokenizer, train_set, eval_set, cfg, site=site, site_index=args.site_index,
                       mode=args.mode, budget=args.budget, score_batches=args.score_batches,
-                      dp=DPSGD.for_site(cfg, site, len(train_set)))
+                      layer_cap=local.max_layers, dp=DPSGD.for_site(cfg, site, len(train_set), local))
         log.info(f"{site}: {len(train_set)} train / {len(eval_set)} eval records, mode {args.mode}, "
                  f"{handler.num_layers} layers, budget {handler.budget} (cap {handler.budget_cap})")
         return handler

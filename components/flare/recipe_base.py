@@ -9,13 +9,16 @@ produced). A job supplies its controller, its sites' extra script arguments and 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from nvflare.apis.utils.format_check import name_check
 from nvflare.app_common.executors.client_api_executor import ExecutionMode
 from nvflare.client.config import ExchangeFormat
 from nvflare.fuel.utils.constants import FrameworkType
@@ -27,6 +30,7 @@ from nvflare.recipe.spec import Recipe
 from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.flare.restarting_executor import RestartingExecutor
 from flare_lora.components.flare.site_args import to_args
+from flare_lora.components.site_local import FILE_NAME, SiteLocal, is_logical_name
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.privacy.dp_config import plan_dp_steps
 from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
@@ -41,12 +45,17 @@ INSTALLED_PACKAGES = ("flare_lora",)  # what `pip install flare-lora` puts on a 
 
 class SiteRecipe(Recipe):
     """Args every job takes:
-    sites: {site name: per-site config} (keys of SiteConfig: rank, alpha, target_modules, lr,
-        local_steps, batch_size, grad_accum, threads, dp_*, ...). Order fixes each site's index.
+    sites: the job's site names (``["hospital-a", "hospital-b"]``), or {site name: that site's own
+        config} (keys of SiteConfig: rank, alpha, target_modules, lr, local_steps, batch_size,
+        grad_accum, threads, dp_*, ...). Order fixes each site's index.
+    site_defaults: config every site gets (DP, steps, lr, ...); a site's own config overrides it.
     num_rounds / min_clients / clients_per_round: rounds; fewest valid results a round needs
         (default: all sites, or clients_per_round); sites sampled per round.
-    model: local model dir (safetensors or GGUF) or None for the embedded SmolLM2-135M.
-    data: dir with one ``<site>.jsonl`` per site, or None for the embedded tasks.
+    model: model dir (safetensors or GGUF), a logical name each site maps to its own path in
+        ``local/flare_lora.json`` (components/site_local.py), or None for the embedded SmolLM2-135M.
+    data: dir with one ``<site>.jsonl`` per site, a logical name the sites map, or None for the
+        embedded tasks. Paths need not exist where the job is built or exported; ``run`` in the
+        simulator or a POC checks every site's model and data before anything starts.
     launch_external_process: run the client script as its own process (default) or in the
         FLARE client process. command: how a site starts it (the interpreter; ``... -m
         torch.distributed.run --nproc_per_node=N`` for N DDP processes per site).
@@ -71,8 +80,9 @@ class SiteRecipe(Recipe):
     def __init__(
         self,
         *,
-        sites: Mapping[str, Mapping],
+        sites: Mapping[str, Mapping] | Sequence[str],
         name: str,
+        site_defaults: Mapping | None = None,
         num_rounds: int = 3,
         min_clients: int | None = None,
         clients_per_round: int | None = None,
@@ -92,8 +102,7 @@ class SiteRecipe(Recipe):
         he_context_dir: str | None = None,
         max_trainer_restarts: int = 3,
     ):
-        if not sites:
-            raise ConfigError("sites: expected at least one site, got none")
+        sites = named_sites(sites, site_defaults)
         check_positive("num_rounds", num_rounds)
         check_restarts(max_trainer_restarts)
         if he and checkpoint_dir:
@@ -109,7 +118,6 @@ class SiteRecipe(Recipe):
         if unknown:
             raise ConfigError(f"site_scripts: site {unknown[0]!r} is not a site of this job {list(sites)}")
         min_clients = check_participation(len(sites), min_clients, clients_per_round)
-        check_paths(model=model, data=data)
         if not byoc and (not launch_external_process or site_scripts):
             raise ConfigError("byoc: a job without code needs launch_external_process=True and no site_scripts")
         if not launch_external_process:
@@ -118,13 +126,12 @@ class SiteRecipe(Recipe):
                     raise ConfigError(f"{label}: in-process mode cannot pass a path with spaces: {path!r}")
         configs = {site: SiteConfig.from_dict(self.site_settings(site, dict(cfg)), site) for site, cfg in sites.items()}
         self.check(configs, num_rounds=num_rounds, he=he)
-        if data and os.path.isdir(data):  # local data (simulator, POC): bad files fail before the job starts
-            for index, site in enumerate(configs):
-                load_site_data(data, site, index, seed=configs[site].seed)
         dp_filter = ClientDPFilter(**dict(client_dp)) if client_dp is not None else None  # validates
         configs = plan_dp_steps(configs, num_rounds)
         self.sites = {s: c.to_dict() for s, c in configs.items()}
         self.num_rounds = num_rounds
+        model, data = job_path(model, hub_ids=True), job_path(data)
+        self.model, self.data = model, data
         workflow_args = dict(
             min_clients=min_clients, clients_per_round=clients_per_round, seed=seed, task_timeout=task_timeout,
             wait_for_clients_timeout=wait_for_clients_timeout, base_model=model or "",
@@ -139,7 +146,7 @@ class SiteRecipe(Recipe):
         for index, (site, cfg) in enumerate(self.sites.items()):
             args = [*self.site_args(site, index, seed), "--site-index", str(index)]
             args += ["--model", model] if model else []
-            args += ["--data", os.path.abspath(data)] if data else []
+            args += ["--data", data] if data else []
             args += ["--site-config", *to_args(cfg)]
             script = None if not byoc else (site_scripts or {}).get(site) or shared_script
             add_site_trainer(job, site, args, script=script, command=command,
@@ -150,6 +157,33 @@ class SiteRecipe(Recipe):
             self.add_client_output_filter(dp_filter, tasks=["train"])
         if he:  # added last, so that encryption sees what DP and the mask produced
             add_he_filters(self, he_context_dir, self.he_tasks)
+
+    def run(self, env, server_exec_params: dict | None = None, client_exec_params: dict | None = None):
+        """Run in ``env``; in the simulator or a POC on this machine, every site's model and data are
+        checked first (through the site's local/flare_lora.json where the POC has one)."""
+        from nvflare.recipe import PocEnv, SimEnv
+
+        if isinstance(env, (SimEnv, PocEnv)):
+            self.check_local_sites(getattr(env, "local_files", {}))
+        return super().run(env, server_exec_params, client_exec_params)
+
+    def check_local_sites(self, local_files: Mapping[str, Mapping]) -> None:
+        """Each site's model and data exist and load, and its limits admit the job: what the sites
+        would refuse at start, refused here before anything starts."""
+        for index, (site, cfg) in enumerate(self.sites.items()):
+            content = (local_files.get(site) or {}).get(FILE_NAME)
+            if content is None:
+                local = SiteLocal(site=site).with_environment()
+            else:
+                text = content.decode() if isinstance(content, bytes) else content if isinstance(content, str) \
+                    else json.dumps(content)
+                local = SiteLocal.parse(text, site, f"{site}/local/{FILE_NAME}")
+            local.check_config(SiteConfig.from_dict(cfg, site))
+            model, data = local.resolve("model", self.model), local.resolve("data", self.data)
+            if model and os.path.isabs(model) and not os.path.exists(model):
+                raise FileNotFoundError(f"site {site!r}: model directory not found: {model}")
+            if data:
+                load_site_data(data, site, index, seed=cfg["seed"])
 
     # --- what a job supplies -------------------------------------------------------------
 
@@ -237,11 +271,42 @@ def check_participation(num_sites: int, min_clients: int | None, clients_per_rou
     return min_clients
 
 
-def check_paths(**paths: str | None) -> None:
-    """A local path that does not exist fails before the job starts (hub ids have no separator)."""
-    for label, path in paths.items():
-        if path and os.path.sep in path and not os.path.exists(path):
-            raise FileNotFoundError(f"{label} directory not found: {path}")
+def named_sites(sites: Mapping[str, Mapping] | Sequence[str], defaults: Mapping | None) -> dict[str, dict]:
+    """{site: site_defaults updated with that site's own config}."""
+    if isinstance(sites, str) or not isinstance(sites, (Mapping, Sequence)):
+        raise ConfigError(f"sites: expected a list of site names or {{site: config}}, got {sites!r}")
+    check_site_names(list(sites), "sites")
+    if defaults is not None and not isinstance(defaults, Mapping):
+        raise ConfigError(f"site_defaults: expected a dict of settings, got {defaults!r}")
+    own = sites if isinstance(sites, Mapping) else {}
+    for site, cfg in own.items():
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"site {site!r}: expected a dict of settings, got {cfg!r}")
+    return {site: {**(defaults or {}), **own.get(site, {})} for site in sites}
+
+
+def check_site_names(names: list, where: str) -> None:
+    """At least one name, each one FLARE accepts for a client, none twice."""
+    if not names:
+        raise ConfigError(f"{where}: expected at least one site, got none")
+    for name in names:
+        if not isinstance(name, str) or name_check(name, "client")[0] or name == "server":
+            raise ConfigError(f"{where}: site name {name!r} is not one FLARE accepts: expected letters, digits, "
+                              "'-' and '_' (and not 'server')")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{where}: site {twice[0]!r} is named more than once in {names}")
+
+
+def job_path(value: str | None, hub_ids: bool = False) -> str | None:
+    """--model / --data as the sites get them: a logical name unchanged, with ``hub_ids`` a model
+    id ("org/name" that is no local path) unchanged, any other path made absolute (it need not
+    exist here)."""
+    if not value or is_logical_name(value):
+        return value
+    if hub_ids and re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not os.path.exists(value):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def check_positive(key: str, value) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from flare_lora.components.algorithms.layer_selection import CRITERIA, check_budgets, check_costs, check_lam
 from flare_lora.components.flare.recipe_base import SiteRecipe, check_positive, check_same
 from flare_lora.components.flare.selective_controller import SelectiveController
+from flare_lora.components.site_local import is_logical_name
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.privacy.dp_config import check_dp_selection
 
@@ -22,7 +23,8 @@ SCORE_FREE = ("full", "top", "bottom", "random")  # selections that never read t
 
 
 def model_num_layers(model: str | None) -> int | None:
-    """num_hidden_layers of a local model (the default one when it resolves), else None."""
+    """num_hidden_layers of a local model (the default one when it resolves), else None (a logical
+    name: the sites' model, not one here)."""
     path = None
     if model is None:
         try:
@@ -31,7 +33,7 @@ def model_num_layers(model: str | None) -> int | None:
             path = resolve_model_dir(None)
         except (FileNotFoundError, OSError, ImportError):
             return None
-    elif os.path.isdir(model):
+    elif not is_logical_name(model) and os.path.isdir(model):
         path = model
     config = os.path.join(path or "", "config.json")
     if not path or not os.path.isfile(config):

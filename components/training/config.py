@@ -71,16 +71,21 @@ class SiteConfig:
         """Build from a (possibly partial) dict, rejecting unknown keys and bad types or ranges."""
         if not isinstance(d, dict):
             raise ConfigError(f"site {site!r}: expected a dict of settings, got {d!r}")
-        known = [f.name for f in fields(cls)]
-        for key, value in d.items():
-            if key not in known:
-                raise ConfigError(f"site {site!r}: key {key!r}: expected one of {known}, got an unknown key")
-            problem = _RULES[key](value)
-            if problem:
-                raise ConfigError(f"site {site!r}: key {key!r}: expected {problem}, got {value!r}")
+        check_keys(d, _RULES, f"site {site!r}")
         cfg = cls(**{k: list(v) if k == "target_modules" else v for k, v in d.items()})
         _check_dp(cfg, site)
         return cfg
+
+
+def check_keys(settings: dict, rules: dict, where: str) -> None:
+    """Every key known (``rules``: key -> check returning None or what was expected) and valid;
+    ConfigError starting with ``where`` otherwise."""
+    for key, value in settings.items():
+        if key not in rules:
+            raise ConfigError(f"{where}: key {key!r}: expected one of {list(rules)}, got an unknown key")
+        problem = rules[key](value)
+        if problem:
+            raise ConfigError(f"{where}: key {key!r}: expected {problem}, got {value!r}")
 
 
 def _is_int(v) -> bool:
@@ -95,7 +100,7 @@ def _int(minimum: int, optional: bool = False):
     return check
 
 
-def _positive(v):
+def positive(v):
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
     return None if ok else "a finite number > 0"
 
@@ -148,10 +153,10 @@ def _names(v):
 
 _RULES = {
     "rank": _int(1),
-    "alpha": _positive,
+    "alpha": positive,
     "target_modules": _names,
     "dropout": _dropout,
-    "lr": _positive,
+    "lr": positive,
     "local_steps": _int(1),
     "batch_size": _int(1),
     "grad_accum": _int(1),
@@ -163,12 +168,12 @@ _RULES = {
     "max_eval": _int(1, optional=True),
     "dtype": lambda v: None if v in DTYPES else f"one of {list(DTYPES)}",
     "gradient_checkpointing": lambda v: None if isinstance(v, bool) else "true or false",
-    "dp_epsilon": _optional(_positive),
-    "dp_noise_multiplier": _optional(_positive),
+    "dp_epsilon": _optional(positive),
+    "dp_noise_multiplier": _optional(positive),
     "dp_delta": _unit_interval,
-    "dp_max_grad_norm": _optional(_positive),
+    "dp_max_grad_norm": _optional(positive),
     "dp_accountant": _choice("rdp", "prv"),
-    "dp_epsilon_max": _optional(_positive),
+    "dp_epsilon_max": _optional(positive),
     "dp_clipping": _choice("hooks", "functorch", "ghost", "fast"),
     "dp_planned_steps": _int(1, optional=True),
 }
