@@ -1,0 +1,139 @@
+"""ClientDPFilter on any job's result (privacy/flare/client_dp_filter.py): the real filter's ``process``
+on real nvflare Shareables, DXOs and FLContexts, and a POC where a site's ``default_scope`` adds it to
+NVFlare's own FedAvg recipe, which knows nothing of flare-lora."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.dxo import DataKind
+from nvflare.apis.fl_constant import FilterKey, FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from flare_lora.privacy.client_dp import update_norm
+from flare_lora.privacy.flare.client_dp_filter import KEEP_RECEIVED, ClientDPFilter
+from flare_lora.privacy.update_reference import save_reference
+from test_dp import filter_call, state
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ["site-1", "site-2"]
+CLIP = 0.05
+
+
+def privacy_json_pair(**args):
+    """The data filter and the result filter of one privacy.json scope: two separate instances."""
+    return ClientDPFilter(clip=CLIP, **args), ClientDPFilter(clip=CLIP, **args)
+
+
+def numpy_state(seed, scale=1.0):
+    return {k: v.numpy() for k, v in state(seed, scale).items()}
+
+
+def test_weights_result_is_the_received_global_plus_the_clipped_change():
+    received, change = numpy_state(0), numpy_state(1, scale=0.01)  # ‖change‖ ≈ 0.3, clipped to 0.05
+    data_filter, result_filter = privacy_json_pair(sigma=1e-6)
+    kept = filter_call(data_filter, received, {}, 0, direction=FilterKey.IN, task="t1")
+    assert all(kept.data[k] is received[k] for k in received)  # the task data goes on untouched
+    global_weights = {k: v.copy() for k, v in received.items()}
+    for v in kept.data.values():  # an in-process trainer may overwrite what it received
+        v += 1.0
+    result = {k: global_weights[k] + change[k] for k in received}
+    out = filter_call(result_filter, result, {}, 0, task="t1")
+    assert all(isinstance(v, np.ndarray) for v in out.data.values())
+    released = {k: torch.from_numpy(out.data[k] - global_weights[k]) for k in result}
+    assert update_norm(released) == pytest.approx(CLIP, rel=1e-3)
+    scale = CLIP / update_norm({k: torch.from_numpy(v) for k, v in change.items()})
+    for k in released:  # the change against the kept global, only shorter: that global was the reference
+        torch.testing.assert_close(released[k], torch.from_numpy(change[k]) * scale, rtol=1e-3, atol=1e-5)
+    assert out.meta["client_dp"]["releases"] == 1
+    with pytest.raises(ValueError, match="none were kept for task t1"):  # used once, then dropped
+        filter_call(result_filter, result, {}, 1, task="t1")
+
+
+def test_weight_diff_is_clipped_without_a_kept_global():
+    change = state(1, scale=0.01)
+    out = filter_call(ClientDPFilter(clip=CLIP, sigma=1e-6), change, {}, 0, kind=DataKind.WEIGHT_DIFF, task="diff")
+    assert update_norm(out.data) == pytest.approx(CLIP, rel=1e-3)
+    assert out.meta["client_dp"]["releases"] == 1
+
+
+def test_flare_lora_reference_wins_over_the_kept_global(tmp_path):
+    reference, change = state(0), state(1, scale=0.01)
+    data_filter, result_filter = privacy_json_pair(sigma=1e-6)
+    filter_call(data_filter, state(7), {}, 0, direction=FilterKey.IN, task="lora")  # e.g. FLoRA's merged global
+    result = {k: reference[k] + change[k] for k in reference}
+    out = filter_call(result_filter, result, save_reference(reference, str(tmp_path), "site-2"), 0, task="lora")
+    assert update_norm({k: out.data[k] - reference[k] for k in result}) == pytest.approx(CLIP, rel=1e-3)
+
+
+def test_weights_without_a_kept_global_fail_closed_and_tell_the_admin():
+    data_filter, result_filter = privacy_json_pair(sigma=1.0)
+    raw = Shareable()  # not a DXO (e.g. a custom job): passes the data filter, nothing is kept
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.IN, private=True, sticky=False)
+    assert data_filter.process(raw, ctx) is raw
+    filter_call(data_filter, state(0), {}, 0, direction=FilterKey.IN, task="other-task")
+    with pytest.raises(ValueError, match="add ClientDPFilter to the scope's task_data_filters .* as well"):
+        filter_call(result_filter, state(0), {}, 0, task="this-task")
+
+
+def test_a_result_entry_missing_from_the_global_fails_closed_naming_it():
+    data_filter, result_filter = privacy_json_pair(sigma=1.0)
+    filter_call(data_filter, state(0), {}, 0, direction=FilterKey.IN, task="t")
+    with pytest.raises(ValueError, match=r"\['new_head.bias'\] \(1 in all\) were not in the global"):
+        filter_call(result_filter, {**state(0), "new_head.bias": torch.zeros(3)}, {}, 0, task="t")
+
+
+def test_metrics_pass_unchanged_and_only_the_latest_globals_are_kept():
+    data_filter, result_filter = privacy_json_pair(sigma=1.0)
+    metrics = filter_call(result_filter, {"eval_loss": 1.0}, {}, 0, kind=DataKind.METRICS, task="validate")
+    assert metrics.data == {"eval_loss": 1.0} and "client_dp" not in metrics.meta
+    for i in range(KEEP_RECEIVED + 1):
+        filter_call(data_filter, state(0), {}, 0, direction=FilterKey.IN, task=f"t{i}")
+    with pytest.raises(ValueError, match="none were kept for task t0"):
+        filter_call(result_filter, state(0), {}, 0, task="t0")
+    filter_call(result_filter, state(0), {}, 0, task=f"t{KEEP_RECEIVED}")
+
+
+def test_a_second_client_dp_filter_on_the_same_result_says_so():
+    data_filter, result_filter = privacy_json_pair(sigma=1.0)
+    filter_call(data_filter, state(0), {}, 0, direction=FilterKey.IN, task="t")
+    out = filter_call(result_filter, state(1), {}, 0, task="t")
+    with pytest.raises(ValueError, match="already released this result"):
+        filter_call(ClientDPFilter(clip=CLIP, sigma=1.0), out.data, out.meta, 0, task="t")
+
+
+@pytest.mark.e2e
+def test_poc_default_scope_privatises_nvflare_fedavg_full_and_diff(tmp_path):
+    """site-2's admin installs the example privacy.json (data and result filter, default scope); NVFlare's
+    FedAvg recipe with a plain Client API script completes in FULL and in DIFF mode, site-2 releases
+    every round, and site-1 (no privacy.json) sends its updates as they are."""
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.client.config import TransferType
+
+    from poc_harness import isolated_poc
+
+    privacy = (ROOT / "privacy" / "examples" / "privacy.json").read_text()
+    model = {"class_path": "torch.nn.Linear", "args": {"in_features": 4, "out_features": 1}}
+    with isolated_poc(SITES, tmp_path / "poc", local_files={"site-2": {"privacy.json": privacy}}) as env:
+        for transfer in (TransferType.FULL, TransferType.DIFF):
+            recipe = FedAvgRecipe(name=f"fedavg_{transfer.lower()}", min_clients=2, num_rounds=2, model=model,
+                                  train_script=str(ROOT / "tests" / "sites" / "fedavg_tiny.py"),
+                                  params_transfer_type=transfer)
+            job_id = recipe.run(env).get_job_id()  # not Run.get_result: it stops the POC
+            result_dir, status = env.get_job_result(job_id, timeout=300), env.get_job_status(job_id)
+            assert status == "FINISHED:COMPLETED" and result_dir, (transfer, status)
+            logs = env.log_paths(job_id)
+            site2 = Path(logs["site-2"]["job_log"]).read_text(errors="replace")
+            for rnd in range(2):
+                assert f"client DP: site-2 round {rnd}: change of norm" in site2, site2[-3000:]
+            site1 = Path(logs["site-1"]["job_log"]).read_text(errors="replace")
+            assert "client DP" not in site1 and "Processing error" not in site1 + site2
+            (server,) = Path(result_dir).rglob("log.txt")
+            assert server.read_text(errors="replace").count("Aggregated 2/2 results") == 2  # both sites, each round
+    ledger = Path(env.site_dir("site-2")) / "flare_lora_privacy" / "client_dp.json"
+    assert len(json.loads(ledger.read_text())["entries"]) == 4  # 2 jobs x 2 rounds, in the site workspace
+    assert not (Path(env.site_dir("site-1")) / "flare_lora_privacy").exists()
