@@ -13,7 +13,8 @@ Example (privacy/examples/flare_lora.json)::
      "datasets": {"notes": "/srv/data/notes.jsonl"},
      "dp_epsilon_max": 8.0, "dp_delta": 1e-6, "dp_accountant": "rdp",
      "max_layers": 4, "max_threads": 8, "max_gpus": 2,
-     "require_he": true, "require_client_dp": false, "require_dp_sgd": false}
+     "require_he": true, "require_client_dp": false, "require_dp_sgd": false,
+     "allow_job_paths": false}
 
 Environment variables of the FLARE client process (``FLARE_LORA_DP_EPSILON_MAX[_<SITE>]``,
 ``FLARE_LORA_MAX_LAYERS[_<SITE>]``) still apply where the file does not set the key.
@@ -45,6 +46,7 @@ class SiteLocal:
     """The parsed file (every limit None / requirement False when the file does not set it)."""
 
     site: str = ""
+    root: str | None = None  # the site's FLARE workspace (its kit), where its ledgers live
     path: str = "(no local/flare_lora.json)"
     models: dict[str, str] = field(default_factory=dict)
     datasets: dict[str, str] = field(default_factory=dict)
@@ -57,15 +59,16 @@ class SiteLocal:
     require_he: bool = False
     require_client_dp: bool = False
     require_dp_sgd: bool = False
+    allow_job_paths: bool = True  # false: a job names this site's model and data only by logical name
 
     @classmethod
     def load(cls, site_root: str | None, site: str, environ: Mapping[str, str] | None = None) -> SiteLocal:
         """From ``<site_root>/local/flare_lora.json`` (none: no settings), then the environment fallback."""
         path = os.path.join(site_root, "local", FILE_NAME) if site_root else None
         if path is None or not os.path.exists(path):
-            return cls(site=site).with_environment(environ)
+            return cls(site=site, root=site_root).with_environment(environ)
         with open(path, encoding="utf-8") as f:
-            return cls.parse(f.read(), site, path).with_environment(environ)
+            return replace(cls.parse(f.read(), site, path), root=site_root).with_environment(environ)
 
     @classmethod
     def parse(cls, text: str, site: str, path: str) -> SiteLocal:
@@ -105,7 +108,12 @@ class SiteLocal:
     def resolve(self, kind: str, value: str | None) -> str | None:
         """This site's path for a job's --model / --data (``kind``): a logical name through the file's
         map, anything else as the job gave it."""
-        if value is None or not is_logical_name(value):
+        if value is None:
+            return value
+        if not is_logical_name(value):
+            if not self.allow_job_paths:
+                raise ConfigError(f"site {self.site!r}: allow_job_paths is false in {self.path}: the job must name its "
+                                  f"{kind} by a logical name this site maps, got the path {value!r}; refusing the job here")
             return value
         names = getattr(self, KINDS[kind])
         if value not in names:
@@ -125,6 +133,9 @@ class SiteLocal:
             refuse("threads", cfg.threads, "max_threads", self.max_threads)
         if self.max_gpus is not None and processes > self.max_gpus:
             refuse("training processes (--ddp)", processes, "max_gpus", self.max_gpus)
+        if self.require_dp_sgd and self.dp_epsilon_max is None:  # any noise level would do otherwise
+            raise ConfigError(f"site {self.site!r}: require_dp_sgd is true in {self.path} but no dp_epsilon_max: "
+                              "expected a budget that bounds what a job's noise level may spend")
         if self.require_dp_sgd and not cfg.dp:
             raise ConfigError(f"site {self.site!r}: require_dp_sgd is true in {self.path}: every job trains with "
                               "DP-SGD here; expected dp_epsilon or dp_noise_multiplier (--dp-epsilon), got neither")
@@ -144,8 +155,9 @@ class SiteLocal:
 
 _REQUIREMENT = {
     "he": "aggregate with homomorphic encryption (--he)",
-    "client_dp": "apply client-level DP to its updates (--client-dp-clip/--client-dp-sigma, or a "
-                 "ClientDPFilter in this site's privacy scope)",
+    "client_dp": "get this site's client-level DP: a ClientDPFilter in the task_result_filters of the "
+                 "local/privacy.json scope the job uses (its own --client-dp-* filter has the job's parameters, "
+                 "so it does not count)",
 }
 
 
@@ -171,4 +183,5 @@ _RULES = {
     "require_he": lambda v: None if isinstance(v, bool) else "true or false",
     "require_client_dp": lambda v: None if isinstance(v, bool) else "true or false",
     "require_dp_sgd": lambda v: None if isinstance(v, bool) else "true or false",
+    "allow_job_paths": lambda v: None if isinstance(v, bool) else "true or false",
 }

@@ -39,7 +39,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from flare_lora.components.site_local import SiteLocal
 from flare_lora.components.training.config import ConfigError, SiteConfig
-from flare_lora.privacy.ledger import PrivacyLedger, ledger_path, site_root
+from flare_lora.privacy.ledger import PrivacyLedger, ledger_path
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_MAX_GRAD_NORM = 1.0
@@ -114,13 +114,12 @@ class DPSGD:
                 )
 
     @classmethod
-    def for_site(cls, cfg: SiteConfig, site: str, num_records: int, local: SiteLocal, *,
-                 workspace: str | None = None) -> DPSGD | None:
+    def for_site(cls, cfg: SiteConfig, site: str, num_records: int, local: SiteLocal) -> DPSGD | None:
         """What a FLARE site trains with: None without DP; the ledger in the site's workspace
-        (found from ``workspace`` or the working directory); budgets of the job and the site admin."""
+        (``local.root``); budgets of the job and the site admin."""
         if not cfg.dp:
             return None
-        path = ledger_path(site_root(workspace), LEDGER_NAME)
+        path = ledger_path(local.root, LEDGER_NAME)
         return cls(cfg, num_records, site=site, ledger=PrivacyLedger(path), local=local)
 
     @property

@@ -67,13 +67,19 @@ class PrivacyLedger:
         os.replace(tmp, self.path)
 
 
-def site_root(start: str | None = None) -> str | None:
+def site_root(start: str | None = None, job_id: str | None = None) -> str | None:
     """The FLARE site workspace (the folder holding ``startup/`` and ``local/``) at or above ``start``.
 
-    A client script runs in ``<site>/<job>/app_<site>`` (external process) or in ``<site>``
-    (in-process); None outside FLARE.
+    A client script runs in ``<site>/<job id>/app_<site>`` (external process) or in ``<site>``
+    (in-process); None outside FLARE. With ``job_id``, inside the job's run folder the root is the
+    folder holding ``<job id>``: the job's own app folders (which the job ships) cannot pose as the
+    site's kit with a ``startup/`` and ``local/`` of their own.
     """
     path = os.path.abspath(start or os.getcwd())
+    if job_id:
+        parts = path.split(os.sep)
+        if job_id in parts:
+            path = os.sep.join(parts[:parts.index(job_id)]) or os.sep
     while True:
         if os.path.isdir(os.path.join(path, "startup")) and os.path.isdir(os.path.join(path, "local")):
             return path

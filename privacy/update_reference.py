@@ -65,6 +65,6 @@ def keep_reference(state: dict[str, Tensor], site: str, job_id: str | None = Non
     """
     from flare_lora.privacy.ledger import site_root
 
-    root = site_root()
+    root = site_root(job_id=job_id)
     directory = os.path.join(root, job_id or "job", "flare_lora_reference") if root else None
     return save_reference(state, directory, site)

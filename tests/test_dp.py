@@ -191,9 +191,13 @@ def test_site_workspace_holds_the_ledger(tmp_path):
     app = root / "job-1" / "app_site-1"
     app.mkdir(parents=True)
     assert site_root(str(app)) == str(root) and site_root(str(tmp_path)) is None
-    dp = DPSGD.for_site(dp_config(), "site-1", len(RECORDS), SiteLocal(site="site-1"), workspace=str(app))
+    # a job that ships its own startup/ and local/ in its app folder does not become the site's kit
+    (app / "startup").mkdir()
+    (app / "local").mkdir()
+    assert site_root(str(app)) == str(app) and site_root(str(app), job_id="job-1") == str(root)
+    dp = DPSGD.for_site(dp_config(), "site-1", len(RECORDS), SiteLocal(site="site-1", root=site_root(str(app), "job-1")))
     assert dp.ledger.path == str(root / "flare_lora_privacy" / "dp_sgd.json")
-    assert DPSGD.for_site(SiteConfig(), "site-1", len(RECORDS), SiteLocal(site="site-1")) is None
+    assert DPSGD.for_site(SiteConfig(), "site-1", len(RECORDS), SiteLocal(site="site-1", root=str(root))) is None
 
 
 # --- bad input ----------------------------------------------------------------------------------

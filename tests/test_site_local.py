@@ -92,7 +92,8 @@ def scope_with_dp(name: str) -> dict:
     ({}, {"require_he": True}, None, None, "require_he is true"),
     ({"he": True}, {"require_he": True}, None, None, None),
     ({}, {"require_client_dp": True}, None, None, "require_client_dp is true"),
-    ({"client_dp": {"clip": 1.0, "sigma": 1.0}}, {"require_client_dp": True}, None, None, None),
+    # the job's own filter has the job's parameters: it does not meet the site's requirement
+    ({"client_dp": {"clip": 1e9, "sigma": 1e-6}}, {"require_client_dp": True}, None, None, "require_client_dp is true"),
     # the site's own default scope protects a job that asked for nothing ...
     ({}, {"require_client_dp": True}, {"scopes": [scope_with_dp("dp"), {"name": "open"}], "default_scope": "dp"},
      None, None),
@@ -140,3 +141,44 @@ def test_sim_and_poc_check_every_sites_paths_before_anything_starts(tiny_model_d
     missing.export(str(tmp_path / "export2"))
     with pytest.raises(FileNotFoundError, match="site 'hospital-a': model directory not found: /not/here"):
         missing.check_local_sites({})
+
+
+@pytest.mark.parametrize("edit", ["tasks *", "direction in", "not last", "job kit in app"])
+def test_a_job_cannot_shape_its_config_past_the_requirement(edit, tmp_path, monkeypatch):
+    """Filter chains FLARE would not apply to train results, HE before other filters, or a kit of
+    the job's own in its app folder: refused, as FLARE 2.9 builds the chains (exact task names,
+    direction out / inout)."""
+    recipe = LoraRecipe(name="job", sites=["hospital-a"], byoc=False, he=True, client_dp={"clip": 1.0, "sigma": 1.0})
+    app = deploy(tmp_path, recipe, "hospital-a", kit={"require_he": True, "max_threads": 1})
+    config_file = app / "config" / "config_fed_client.json"
+    config = json.loads(config_file.read_text())
+    group = config["task_result_filters"][0]
+    if edit == "tasks *":
+        group["tasks"] = ["*"]
+    elif edit == "direction in":
+        group["direction"] = "in"
+    elif edit == "not last":
+        group["filters"].reverse()
+    else:  # a kit of its own, with no requirement and no limit, where the training process starts
+        (app / "startup").mkdir()
+        (app / "local").mkdir()
+        (app / "local" / "flare_lora.json").write_text("{}")
+    config_file.write_text(json.dumps(config))
+    monkeypatch.chdir(app)
+    cfg = SiteConfig.from_dict(recipe.sites["hospital-a"], "hospital-a")
+    if edit == "job kit in app":
+        with pytest.raises(ConfigError, match=f"asks for threads=.*max_threads=1 in {tmp_path / 'hospital-a'}/local"):
+            admit_job("hospital-a", SiteConfig(threads=8), job_id="job-1")
+        assert admit_job("hospital-a", cfg, job_id="job-1")[0].root == str(tmp_path / "hospital-a")
+    else:
+        with pytest.raises(ConfigError, match="require_he is true"):
+            admit_job("hospital-a", cfg, job_id="job-1")
+
+
+def test_site_can_refuse_job_paths_and_require_a_budget_with_dp_sgd():
+    local = SiteLocal.parse('{"allow_job_paths": false, "models": {"m": "/srv/m"}}', "hospital-a", PATH)
+    assert local.resolve("model", "m") == "/srv/m"
+    with pytest.raises(ConfigError, match="allow_job_paths is false .* got the path '/etc/data'"):
+        local.resolve("data", "/etc/data")
+    with pytest.raises(ConfigError, match="require_dp_sgd is true .* but no dp_epsilon_max"):
+        SiteLocal(site="a", require_dp_sgd=True).check_config(SiteConfig(dp_noise_multiplier=1e-4))

@@ -32,7 +32,7 @@ def add_common_args(p: argparse.ArgumentParser, *, ranks: bool = True, rounds: b
     if ranks:
         g.add_argument("--ranks", default=None,
                        help="LoRA rank per site, in --sites order (or one for all); without --sites the count sets "
-                            "the number of sites (default 4,8,16; with --sites: 8)")
+                            "the number of sites (default 4,8,16, fedcdd 8,8,8; with --sites: 8)")
     g.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio * rank at every site")
     g.add_argument("--target-modules", default="q_proj,v_proj")
     g.add_argument("--steps", type=int, default=None, help="local optimizer steps per round")

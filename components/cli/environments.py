@@ -50,13 +50,19 @@ def poc_env(args, sites: list[str], workspace: str):
                           local_files=site_local_files(args))
 
 
+LOCAL_FILES = ("flare_lora.json", "privacy.json", "resources.json", "authorization.json", "log_config.json")
+
+
 def site_local_files(args) -> dict[str, dict[str, str]]:
-    """{site: {file name: text}} from --site-local SITE=PATH."""
+    """{site: {file name: text}} from --site-local SITE=PATH (a file FLARE or flare-lora reads there)."""
     files: dict[str, dict[str, str]] = {}
     for item in args.site_local:
         site, sep, path = item.partition("=")
         if not sep or not os.path.isfile(path):
             raise ValueError(f"--site-local: expected SITE=PATH to an existing file, got {item!r}")
+        if os.path.basename(path) not in LOCAL_FILES:
+            raise ValueError(f"--site-local: {path}: a site reads only {list(LOCAL_FILES)} from local/, "
+                             f"got {os.path.basename(path)!r} (name the file as the site reads it)")
         with open(path) as f:
             files.setdefault(site, {})[os.path.basename(path)] = f.read()
     return files

@@ -58,8 +58,8 @@ def build(args, exporting: bool) -> Job:
         raise ValueError(f"--lam: weighs the selective solver's consistency term; --selection {args.selection} has none")
     lam = LAM if args.lam is None else args.lam
     budgets = args.budgets if args.budgets is not None or args.sites is not None else DEMO_BUDGETS
-    sites, shared = build_sites(args, exporting, budget=("--budgets", int_list("--budgets", budgets)))
-    shared["rank"] = args.rank
+    sites, shared = build_sites(args, exporting, budget=("--budgets", int_list("--budgets", budgets)),
+                                rank=("--rank", [args.rank]))
     name = args.name or f"selective_{args.selection}"
     recipe = SelectiveRecipe(
         name=name, sites=sites, site_defaults=shared, selection=args.selection, mode=args.mode, lam=lam, sel_gap=args.sel_gap,

@@ -179,7 +179,11 @@ class SiteRecipe(Recipe):
                     else json.dumps(content)
                 local = SiteLocal.parse(text, site, f"{site}/local/{FILE_NAME}")
             local.check_config(SiteConfig.from_dict(cfg, site))
-            model, data = local.resolve("model", self.model), local.resolve("data", self.data)
+            try:
+                model, data = local.resolve("model", self.model), local.resolve("data", self.data)
+            except ConfigError as e:
+                here = [v for v in (self.model, self.data) if v and is_logical_name(v) and os.path.exists(v)]
+                raise ConfigError(f"{e} (for the local path {here[0]!r} write ./{here[0]})" if here else str(e)) from None
             if model and os.path.isabs(model) and not os.path.exists(model):
                 raise FileNotFoundError(f"site {site!r}: model directory not found: {model}")
             if data:
