@@ -7,6 +7,13 @@ NVFlare release changes one, this is the only file to touch, and tests/test_nvfl
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
 
 def export_requested() -> bool:
     """True when the command line asked to export the job (``--export``).
@@ -44,12 +51,38 @@ def start_poc_services(workspace: str, gpu_ids, excluded: list[str], services: l
     _start_poc(poc_workspace=workspace, gpu_ids=gpu_ids, excluded=excluded, services_list=services)
 
 
-def wait_poc_ready(workspace: str, excluded: list[str], timeout: int) -> None:
-    """Wait until every POC participant registered (the private half of ``nvflare poc start``)."""
-    from nvflare.tool.poc.poc_commands import _wait_for_poc_system_ready, setup_service_config
+def wait_poc_ready(workspace: str, excluded: list[str], timeout: int, attempt_s: int = 60) -> None:
+    """Wait until every POC participant registered (the private half of ``nvflare poc start``).
 
-    project_config, service_config = setup_service_config(workspace)
-    _wait_for_poc_system_ready(workspace, project_config, service_config, [], excluded, timeout_in_sec=timeout)
+    Each try runs in a process of its own, killed after ``attempt_s``: nvflare 2.9's admin session
+    can hang for ever in ``close()`` (its connector thread waits on a connect that never resolves),
+    which would hang the caller with it. A killed try is followed by a new one until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        wait_s = max(1, int(min(attempt_s, remaining)))
+        try:
+            proc = subprocess.run([sys.executable, "-c", _READY_CHECK, workspace, str(wait_s), *excluded],
+                                  capture_output=True, text=True, timeout=wait_s + 30)
+        except subprocess.TimeoutExpired:
+            log.warning("POC readiness check hung (nvflare admin session); trying again")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"POC {workspace}: not ready within {timeout}s (readiness checks hung)") from None
+            continue
+        if proc.returncode == 0:
+            return
+        if time.monotonic() >= deadline or "SystemStartTimeout" not in proc.stderr:
+            raise RuntimeError(f"POC {workspace} not ready: {proc.stderr.strip()[-2000:]}")
+
+
+_READY_CHECK = """
+import sys
+from nvflare.tool.poc.poc_commands import _wait_for_poc_system_ready, setup_service_config
+workspace, timeout, excluded = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+project_config, service_config = setup_service_config(workspace)
+_wait_for_poc_system_ready(workspace, project_config, service_config, [], excluded, timeout_in_sec=timeout)
+"""
 
 
 def submit_job(env, job) -> str:
@@ -80,6 +113,11 @@ def relaunch_backend(executor, fl_ctx) -> None:
     backend = executor._create_backend()
     backend.initialize(executor._build_backend_context(), fl_ctx)  # launches and waits for its HELLO
     executor._backend = backend
+
+
+def launch_command(executor) -> str | list[str]:
+    """The command a ClientAPIExecutor launches its trainer with (its private ``_command``)."""
+    return executor._command
 
 
 def task_check_period(controller) -> float:
