@@ -43,6 +43,23 @@ def test_load_jsonl_names_file_and_line(tmp_path):
         load_jsonl(path)
 
 
+def test_what_the_writer_writes_reads_back_with_a_bom_and_big_csv_cells(tmp_path):
+    """Records holding U+2028 / U+0085 / form feeds (raw in JSON strings) are one line each; a
+    UTF-8 BOM (Excel, Notepad) is no error; a CSV cell over csv's 128 KB default is read."""
+    records = [{"text": "line\u2028separator"}, {"text": "next\x85line\x0cpage"}, {"text": "plain"}]
+    write_jsonl(tmp_path / "r.jsonl", records)
+    assert load_jsonl(tmp_path / "r.jsonl") == records
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "r.jsonl").read_bytes())
+    assert load_jsonl(tmp_path / "bom.jsonl") == records
+    note = "x" * 300_000
+    path = tmp_path / "notes.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + f"label,text\n1,{note}\n2,short\n".encode())
+    done = _run_split(path, "--out", tmp_path / "o", "--by-field", "label", "--sites", 2, "--eval-fraction", 0)
+    assert done.returncode == 0, done.stderr
+    rows = load_jsonl(tmp_path / "o" / "site-1.jsonl") + load_jsonl(tmp_path / "o" / "site-2.jsonl")
+    assert sorted(len(r["text"]) for r in rows) == [5, 300_000]
+
+
 def test_load_jsonl_missing_file_names_path(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl"):
         load_jsonl(tmp_path / "nope.jsonl")

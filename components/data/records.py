@@ -40,12 +40,18 @@ def record_problem(record: object) -> str | None:
     )
 
 
-def load_jsonl(path: str | Path) -> list[dict]:
-    """Read and validate a JSONL file of records; blank lines are skipped."""
+def jsonl_lines(path: str | Path) -> list[str]:
+    """A JSONL file's lines: UTF-8 with or without a BOM, split on "\n" only (str.splitlines would
+    also split inside a record's text at U+2028, U+0085, ..., which JSON strings hold raw)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        return Path(path).read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read data file {path}: {exc}") from exc
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """Read and validate a JSONL file of records; blank lines are skipped."""
+    lines = jsonl_lines(path)
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from flare_lora.components.data.records import DataError, load_jsonl, record_problem, write_jsonl
+from flare_lora.components.data.records import DataError, jsonl_lines, load_jsonl, record_problem, write_jsonl
 
 RECORD_KEYS = ("instruction", "input", "output", "text")
 
@@ -101,8 +101,9 @@ def read_csv(path: Path, args: argparse.Namespace) -> tuple[list[dict], list[str
     """CSV rows as records (templated when --instruction is given) and each row's path:line."""
     output_map = _parse_map(args.output_map)
     records, where = [], []
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a clinical note may exceed csv's 128 KB cell default
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             templates = [t for t in (args.instruction, args.input, args.output_template) if t]
@@ -158,7 +159,7 @@ def read_records(path: Path, args: argparse.Namespace) -> tuple[list[dict], list
     if args.instruction or args.output_field or args.output_template:
         raise DataError("--instruction/--output-field/--output-template apply only to CSV input")
     records = load_jsonl(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = jsonl_lines(path)
     where = [f"{path}:{n}" for n, line in enumerate(lines, start=1) if line.strip()]
     return records, where
 
