@@ -39,13 +39,13 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from flare_lora.components.site_local import SiteLocal
 from flare_lora.components.training.config import ConfigError, SiteConfig
-from flare_lora.privacy.ledger import PrivacyLedger, ledger_path
+from flare_lora.privacy.ledger import PrivacyLedger, epsilon, site_ledger
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_MAX_GRAD_NORM = 1.0
 DEFAULT_ACCOUNTANT = "rdp"
 DEFAULT_CLIPPING = "hooks"
-LEDGER_NAME = "dp_sgd.json"
+LEDGER_NAME = "dp_sgd.jsonl"
 
 
 class PrivacyBudgetExceeded(RuntimeError):
@@ -119,8 +119,7 @@ class DPSGD:
         (``local.root``); budgets of the job and the site admin."""
         if not cfg.dp:
             return None
-        path = ledger_path(local.root, LEDGER_NAME)
-        return cls(cfg, num_records, site=site, ledger=PrivacyLedger(path), local=local)
+        return cls(cfg, num_records, site=site, ledger=site_ledger(local.root, LEDGER_NAME), local=local)
 
     @property
     def spent(self) -> float:
@@ -155,7 +154,18 @@ class DPSGD:
         return _Session(self, model, optimizer, cfg)
 
     def charge(self, steps: int, seed: int) -> None:
-        self.ledger.charge(self.noise_multiplier, self.sample_rate, steps, site=self.site, seed=seed)
+        """Charge the round, checked against every budget on the ledger as it is now (another job at
+        this site may have charged since the session began)."""
+        def within(history) -> None:
+            for budget in self.budgets:
+                after = epsilon(history, budget.delta, budget.accountant)
+                if after > budget.limit:
+                    raise PrivacyBudgetExceeded(
+                        f"site {self.site!r}: key 'dp_epsilon_max': this round's {steps} DP steps would spend "
+                        f"ε={after:.3f} at δ={budget.delta:g} > budget {budget.limit:g} ({budget.source}; the "
+                        "ledger grew since the round began); refusing to train")
+
+        self.ledger.charge(self.noise_multiplier, self.sample_rate, steps, check=within, site=self.site, seed=seed)
 
 
 class _Session:

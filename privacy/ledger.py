@@ -1,24 +1,34 @@
 """A site's privacy spending: every noisy release as (noise multiplier, sample rate, steps), on disk.
 
 ε is never stored, only recomputed with Opacus' accountant from the whole history, so releases
-with different σ or q (rounds, jobs) compose correctly and RDP or PRV can be chosen later. The file
-is rewritten atomically after every charge; a site that restarts — or runs another job on the same
-data — starts from what it already spent. A damaged file is an error, never an empty budget.
+with different σ or q (rounds, jobs) compose correctly and RDP or PRV can be chosen later.
+
+The ledger is an append-only journal (one JSON line per release) shared by every job and process
+at the site: a charge takes the ledger's file lock, re-reads the journal (another job may have
+charged meanwhile), checks the budget on the whole history and appends, so concurrent charges
+are neither lost nor both let past the budget. A tally beside the ledger folder counts the
+releases: a journal that disappeared or shrank after the site spent is an error, never an empty
+budget. To start a site's budget again on purpose, its admin deletes both (docs/dp.md).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from opacus.accountants import create_accountant
 
 LEDGER_DIRNAME = "flare_lora_privacy"  # under the site's FLARE workspace
 
+Release = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
-def epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+
+def epsilon(history: list[Release], delta: float, accountant: str = "rdp") -> float:
     """ε(δ) of the composed history with Opacus' accountant (0 for no release)."""
     if not history:
         return 0.0
@@ -28,43 +38,106 @@ def epsilon(history: list[tuple[float, float, int]], delta: float, accountant: s
 
 
 class PrivacyLedger:
-    """Spending history of one kind of release at one site; ``path`` None keeps it in memory."""
+    """Spending history of one kind of release at one site; ``path`` None keeps it in memory.
+    ``tally``: the file that counts the releases, outside the ledger's folder (site_ledger)."""
 
-    def __init__(self, path: str | None = None):
-        self.path = path
+    def __init__(self, path: str | None = None, tally: str | None = None):
+        self.path, self.tally = path, tally
         self.entries: list[dict] = []
-        if path and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    self.entries = list(json.load(f)["entries"])
-                for e in self.entries:
-                    float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"privacy ledger {path}: unreadable ({e}); refusing to start from an empty budget") from e
+        if path:
+            with self._locked():
+                self.entries = self._read()
 
     @property
-    def history(self) -> list[tuple[float, float, int]]:
+    def history(self) -> list[Release]:
         return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries]
 
     @property
     def steps(self) -> int:
         return sum(e["steps"] for e in self.entries)
 
-    def epsilon(self, delta: float, accountant: str = "rdp", extra: tuple[float, float, int] | None = None) -> float:
+    def epsilon(self, delta: float, accountant: str = "rdp", extra: Release | None = None) -> float:
         """ε spent so far, or after one more release ``extra`` = (σ, q, steps)."""
         return epsilon(self.history + ([extra] if extra else []), delta, accountant)
 
-    def charge(self, noise_multiplier: float, sample_rate: float, steps: int, **note) -> None:
-        """Record a release (before it happens: a crash can over-count, never under-count)."""
-        self.entries.append({"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
-                             "steps": int(steps), "time": time.time(), **note})
+    def charge(self, noise_multiplier: float, sample_rate: float, steps: int,
+               check: Callable[[list[Release]], None] | None = None, **note) -> None:
+        """Record a release before it happens (a crash can over-count, never under-count), in one
+        step with its budget check: ``check(history including this release)`` raises to refuse."""
+        release = (float(noise_multiplier), float(sample_rate), int(steps))
+        entry = {"noise_multiplier": release[0], "sample_rate": release[1], "steps": release[2],
+                 "time": time.time(), **note}
         if not self.path:
+            if check:
+                check(self.history + [release])
+            self.entries.append(entry)
             return
+        with self._locked():
+            self.entries = self._read()
+            if check:
+                check(self.history + [release])
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:  # one write of one line: appended whole
+                os.write(fd, (json.dumps(entry, default=str) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.entries.append(entry)
+            if self.tally:
+                _write_atomically(self.tally, str(len(self.entries)))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)), prefix=".ledger-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"entries": self.entries}, f, indent=1, default=str)
-        os.replace(tmp, self.path)
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
+    def _read(self) -> list[dict]:
+        recorded = _read_tally(self.tally)
+        entries = []
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        entry = json.loads(line)
+                        float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"])
+                    except (ValueError, KeyError, TypeError) as e:
+                        raise ValueError(f"privacy ledger {self.path}:{number}: unreadable ({e}); refusing to start "
+                                         "from an empty budget") from e
+                    entries.append(entry)
+        if len(entries) < recorded:
+            raise ValueError(f"privacy ledger {self.path}: holds {len(entries)} release(s) but {self.tally} counts "
+                             f"{recorded} at this site; refusing to start from a smaller budget (to reset the site's "
+                             "budget on purpose, its admin deletes both files: docs/dp.md)")
+        return entries
+
+
+def site_ledger(root: str | None, name: str) -> PrivacyLedger:
+    """The site's ledger ``name`` in its FLARE workspace ``root`` (in memory when None), with its
+    tally in ``root`` itself, outside the ledger folder."""
+    if not root:
+        return PrivacyLedger()
+    return PrivacyLedger(os.path.join(root, LEDGER_DIRNAME, name), tally=os.path.join(root, f".{LEDGER_DIRNAME}_{name}.count"))
+
+
+def _read_tally(path: str | None) -> int:
+    if not path or not os.path.exists(path):
+        return 0
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"privacy ledger tally {path}: unreadable ({e}); refusing to start from an empty budget") from e
+
+
+def _write_atomically(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tally-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def site_root(start: str | None = None, job_id: str | None = None) -> str | None:
@@ -88,6 +161,3 @@ def site_root(start: str | None = None, job_id: str | None = None) -> str | None
             return None
         path = parent
 
-
-def ledger_path(root: str | None, name: str) -> str | None:
-    return os.path.join(root, LEDGER_DIRNAME, name) if root else None

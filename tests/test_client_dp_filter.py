@@ -2,7 +2,6 @@
 on real nvflare Shareables, DXOs and FLContexts, and a POC where a site's ``default_scope`` adds it to
 NVFlare's own FedAvg recipe, which knows nothing of flare-lora."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +133,6 @@ def test_poc_default_scope_privatises_nvflare_fedavg_full_and_diff(tmp_path):
             assert "client DP" not in site1 and "Processing error" not in site1 + site2
             (server,) = Path(result_dir).rglob("log.txt")
             assert server.read_text(errors="replace").count("Aggregated 2/2 results") == 2  # both sites, each round
-    ledger = Path(env.site_dir("site-2")) / "flare_lora_privacy" / "client_dp.json"
-    assert len(json.loads(ledger.read_text())["entries"]) == 4  # 2 jobs x 2 rounds, in the site workspace
+    ledger = Path(env.site_dir("site-2")) / "flare_lora_privacy" / "client_dp.jsonl"
+    assert len(ledger.read_text().splitlines()) == 4  # 2 jobs x 2 rounds, in the site workspace
     assert not (Path(env.site_dir("site-1")) / "flare_lora_privacy").exists()

@@ -7,6 +7,9 @@ separate backward passes, noise by subtraction), not assumed.
 
 import json
 import math
+import multiprocessing
+import os
+import shutil
 import statistics
 
 import pytest
@@ -23,8 +26,9 @@ from flare_lora.components.training.trainer import _sample_losses, train_lora
 from flare_lora.privacy.client_dp import clip_update, client_epsilon, privatize, update_norm
 from flare_lora.components.site_local import SiteLocal
 from flare_lora.privacy.dp_sgd import DPSGD, DPUnsupported, PrivacyBudgetExceeded
-from flare_lora.privacy.ledger import PrivacyLedger, site_root
+from flare_lora.privacy.ledger import PrivacyLedger, epsilon, site_ledger, site_root
 from flare_lora.privacy.update_reference import META_KEY, load_reference, save_reference
+from ledger_charges import charge_many
 
 RECORDS = [
     {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
@@ -50,7 +54,7 @@ def site(tiny_model_dir):
 def test_reported_epsilon_equals_opacus_accountant_across_rounds_and_restarts(site, tmp_path, accountant):
     model, tokenizer = site
     cfg = dp_config(dp_accountant=accountant)
-    ledger = tmp_path / "ledger.json"
+    ledger = tmp_path / "ledger.jsonl"
     dp = DPSGD(cfg, len(RECORDS), site="site-1", ledger=PrivacyLedger(str(ledger)), noise_seed=0)
     reference = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     rounds = 2 if accountant == "rdp" else 1  # PRV's ε takes seconds to compute
@@ -63,7 +67,7 @@ def test_reported_epsilon_equals_opacus_accountant_across_rounds_and_restarts(si
     # a restarted site reads the same ledger back: same spent budget
     again = DPSGD(cfg, len(RECORDS), site="site-1", ledger=PrivacyLedger(str(ledger)))
     assert again.spent == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
-    assert len(json.loads(ledger.read_text())["entries"]) == rounds
+    assert len(ledger.read_text().splitlines()) == rounds  # one journal line per round
 
 
 def test_target_epsilon_sets_sigma_over_the_planned_steps():
@@ -151,7 +155,7 @@ def test_opacus_failure_is_loud_and_charges_nothing(tiny_model_dir):
 
 def test_budget_refuses_before_training_and_survives_restarts(site, tmp_path):
     model, tokenizer = site
-    path = str(tmp_path / "ledger.json")
+    path = str(tmp_path / "ledger.jsonl")
     cfg = dp_config()
     one_round = DPSGD(cfg, len(RECORDS)).epsilon_after(cfg.local_steps)
     two_rounds = DPSGD(cfg, len(RECORDS)).epsilon_after(2 * cfg.local_steps)
@@ -179,9 +183,41 @@ def test_budget_refuses_before_training_and_survives_restarts(site, tmp_path):
     assert SiteLocal(site="site-2", dp_epsilon_max=2.0).with_environment(env).dp_epsilon_max == 2.0
     with pytest.raises(ConfigError, match="FLARE_LORA_DP_EPSILON_MAX_SITE_2='x'"):
         SiteLocal(site="site-2").with_environment({"FLARE_LORA_DP_EPSILON_MAX_SITE_2": "x"})
-    (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ValueError, match="refusing to start from an empty budget"):
-        PrivacyLedger(str(tmp_path / "bad.json"))
+    (tmp_path / "bad.jsonl").write_text("{")
+    with pytest.raises(ValueError, match="bad.jsonl:1: unreadable.*refusing to start from an empty budget"):
+        PrivacyLedger(str(tmp_path / "bad.jsonl"))
+
+
+def test_two_processes_charging_one_ledger_lose_nothing_and_never_pass_the_budget(tmp_path):
+    """Jobs at one site charge one ledger: every release is in the journal, and a budget checked
+    at the charge holds across processes (without the lock, both would read the same history)."""
+    path, tally = str(tmp_path / "ws" / "flare_lora_privacy" / "x.jsonl"), str(tmp_path / "ws" / ".tally")
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        assert pool.starmap(charge_many, [(path, tally, 30, None)] * 2) == [0, 0]
+    assert len(PrivacyLedger(path).entries) == 60 and open(tally).read() == "60"
+    budget = epsilon([(1.0, 0.05, 1)] * 80, 1e-5)  # room for 20 more releases, 40 tried
+    with ctx.Pool(2) as pool:
+        refused = pool.starmap(charge_many, [(path, tally, 20, budget)] * 2)
+    assert sum(refused) == 20 and len(PrivacyLedger(path).entries) == 80
+    assert PrivacyLedger(path).epsilon(1e-5) <= budget
+
+
+def test_a_ledger_that_vanished_or_shrank_is_no_fresh_budget(tmp_path):
+    root = str(tmp_path / "site-1")
+    ledger = site_ledger(root, "dp_sgd.jsonl")
+    for _ in range(3):
+        ledger.charge(1.0, 0.05, 10)
+    journal = tmp_path / "site-1" / "flare_lora_privacy" / "dp_sgd.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text(lines[0] + "\n")  # a job's code truncates it
+    with pytest.raises(ValueError, match="holds 1 release.*counts 3 at this site.*admin deletes both files"):
+        site_ledger(root, "dp_sgd.jsonl")
+    shutil.rmtree(journal.parent)  # ... or deletes the ledger folder
+    with pytest.raises(ValueError, match="holds 0 release.*counts 3"):
+        site_ledger(root, "dp_sgd.jsonl")
+    os.remove(os.path.join(root, ".flare_lora_privacy_dp_sgd.jsonl.count"))  # the admin resets it on purpose
+    assert site_ledger(root, "dp_sgd.jsonl").entries == []
 
 
 def test_site_workspace_holds_the_ledger(tmp_path):
@@ -196,7 +232,7 @@ def test_site_workspace_holds_the_ledger(tmp_path):
     (app / "local").mkdir()
     assert site_root(str(app)) == str(app) and site_root(str(app), job_id="job-1") == str(root)
     dp = DPSGD.for_site(dp_config(), "site-1", len(RECORDS), SiteLocal(site="site-1", root=site_root(str(app), "job-1")))
-    assert dp.ledger.path == str(root / "flare_lora_privacy" / "dp_sgd.json")
+    assert dp.ledger.path == str(root / "flare_lora_privacy" / "dp_sgd.jsonl")
     assert DPSGD.for_site(SiteConfig(), "site-1", len(RECORDS), SiteLocal(site="site-1", root=str(root))) is None
 
 

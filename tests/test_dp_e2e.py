@@ -38,6 +38,7 @@ def test_sim_job_with_dp_flags_reports_epsilon_every_round(tmp_path, tiny_model_
             entry = record["sites"][site]
             dp = entry["train"]["dp"]
             assert dp["max_grad_norm"] == 0.5 and dp["steps"] == 2 * (rnd + 1)
+            assert set(entry["train"]) <= {"steps", "seconds", "processes", "dp"}  # no loss or token counts
             for _ in range(2):
                 accountant.step(noise_multiplier=dp["noise_multiplier"], sample_rate=dp["sample_rate"])
             assert entry["metrics"]["dp_epsilon"] == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
@@ -46,8 +47,8 @@ def test_sim_job_with_dp_flags_reports_epsilon_every_round(tmp_path, tiny_model_
             assert entry["metrics"]["client_dp_epsilon"] == pytest.approx(client_epsilon(2.0, rnd + 1, 1e-5))
         assert 7.9 <= previous <= 8.0  # σ was chosen for ε = 8 over the planned 4 steps, and all were taken
         assert log["final"]["sites"][site]["metrics"]["dp_epsilon"] == pytest.approx(previous)
-        ledgers = glob.glob(str(workspace / "**" / site / "flare_lora_privacy" / "*.json"), recursive=True)
-        assert sorted(os.path.basename(p) for p in ledgers) == ["client_dp.json", "dp_sgd.json"]
+        ledgers = glob.glob(str(workspace / "**" / site / "flare_lora_privacy" / "*.jsonl"), recursive=True)
+        assert sorted(os.path.basename(p) for p in ledgers) == ["client_dp.jsonl", "dp_sgd.jsonl"]
     assert all(r["aggregated"] == ["site-1"] for r in log["rounds"])
 
 
@@ -82,5 +83,5 @@ def test_poc_site_scope_enforces_client_dp(tmp_path, tiny_model_dir):
     assert "Processing error in Task Result Filter" in site1 and "refusing to send the update" in site1
     site2 = Path(logs["site-2"]["job_log"]).read_text(errors="replace")
     assert "client DP: site-2 round 0: change of norm" in site2
-    ledger = Path(poc_prod_dir(workspace)) / "site-2" / "flare_lora_privacy" / "client_dp.json"
-    assert len(json.loads(ledger.read_text())["entries"]) == 1  # kept in the site workspace across jobs
+    ledger = Path(poc_prod_dir(workspace)) / "site-2" / "flare_lora_privacy" / "client_dp.jsonl"
+    assert len(ledger.read_text().splitlines()) == 1  # kept in the site workspace across jobs

@@ -25,7 +25,7 @@ from flare_lora.components.algorithms.merge import weights_digest
 from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.flare.ddp import SiteGroup
 from flare_lora.components.flare.site_admission import admit_job
-from flare_lora.components.flare.site_args import from_args
+from flare_lora.components.flare.site_args import client_parser, from_args
 from flare_lora.components.site_local import SiteLocal
 from flare_lora.components.strategies import get_method
 from flare_lora.components.training.config import SiteConfig
@@ -44,26 +44,14 @@ from flare_lora.components.training.lora import (
 from flare_lora.components.training.models import load_model_and_tokenizer, resolve_model_dir
 from flare_lora.components.training.trainer import evaluate, layer_criterion, layer_scores, set_threads, train_lora
 from flare_lora.privacy.dp_sgd import DPSGD, DPUnsupported
+from flare_lora.privacy.released_stats import released_train_stats
 from flare_lora.privacy.update_reference import keep_reference
 
 log = logging.getLogger("flare_lora.client")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--method", default="flora")
-    p.add_argument("--model", default=None, help="model dir (safetensors or GGUF), or a name this site maps in "
-                                                 "local/flare_lora.json; default: embedded")
-    p.add_argument("--data", default=None, help="dir with <site>.jsonl files or one site's .jsonl file, or a name "
-                                                "this site maps in local/flare_lora.json; default: embedded tasks")
-    p.add_argument("--site-index", type=int, default=0, help="picks the embedded task mix")
-    p.add_argument("--site-config", nargs="*", default=[], help="key=value tokens: rank=8 alpha=16 ...")
-    g = p.add_argument_group("selective layers (--method selective)")
-    g.add_argument("--mode", choices=["full", "lora"], default="lora", help="train full layer weights or their LoRA factors")
-    g.add_argument("--budget", type=int, default=None, help="layers this site may train per round (default: all)")
-    g.add_argument("--score-batches", type=int, default=2, help="local batches the layer scores are measured on")
-    g.add_argument("--init-seed", type=int, default=0, help="LoRA init shared by every site (lora mode)")
-    return p.parse_args(argv)
+    return client_parser(__doc__).parse_args(argv)
 
 
 def main(argv=None) -> None:
@@ -117,6 +105,7 @@ def main(argv=None) -> None:
         if not group.is_main:
             continue
         stats["processes"] = group.world
+        stats = released_train_stats(stats) if dp is not None else stats
         meta.update(num_examples=len(train_set), train=stats, **keep_reference(reference, site, flare.get_job_id()))
         metrics = dp_metrics(metrics, dp)
         if method.lora:
@@ -247,7 +236,7 @@ class SelectiveSite:
             load_layer_state(self.model, snapshot, self.mode)
             set_trainable_layers(self.model, [], self.mode)
         stats["layers"] = layers
-        return update, stats
+        return update, released_train_stats(stats) if self.dp is not None else stats
 
 
 def serve(handler: SelectiveSite) -> None:

@@ -7,6 +7,7 @@ tokens (lists joined by commas). Values are parsed back as JSON scalars where th
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping, Sequence
 
@@ -38,3 +39,22 @@ def from_args(tokens: Sequence[str], list_keys: Sequence[str] = ("target_modules
         except json.JSONDecodeError:
             config[key] = text
     return config
+
+
+def client_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The shared client script's arguments (components/flare/client_train.py); the executor checks
+    a job's arguments with it before starting anything."""
+    p = argparse.ArgumentParser(prog="flare_lora.components.flare.client_train", description=description)
+    p.add_argument("--method", default="flora")
+    p.add_argument("--model", default=None, help="model dir (safetensors or GGUF), or a name this site maps in "
+                                                 "local/flare_lora.json; default: embedded")
+    p.add_argument("--data", default=None, help="dir with <site>.jsonl files or one site's .jsonl file, or a name "
+                                                "this site maps in local/flare_lora.json; default: embedded tasks")
+    p.add_argument("--site-index", type=int, default=0, help="picks the embedded task mix")
+    p.add_argument("--site-config", nargs="*", default=[], help="key=value tokens: rank=8 alpha=16 ...")
+    g = p.add_argument_group("selective layers (--method selective)")
+    g.add_argument("--mode", choices=["full", "lora"], default="lora", help="train full layer weights or their LoRA factors")
+    g.add_argument("--budget", type=int, default=None, help="layers this site may train per round (default: all)")
+    g.add_argument("--score-batches", type=int, default=2, help="local batches the layer scores are measured on")
+    g.add_argument("--init-seed", type=int, default=0, help="LoRA init shared by every site (lora mode)")
+    return p

@@ -24,6 +24,7 @@ import hashlib
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -35,10 +36,11 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from flare_lora.privacy.client_dp import check_client_dp, privatize, release, update_norm
-from flare_lora.privacy.ledger import PrivacyLedger, ledger_path
+from flare_lora.privacy.ledger import PrivacyLedger, epsilon, site_ledger
+from flare_lora.privacy.released_stats import released_train_stats
 from flare_lora.privacy.update_reference import META_KEY, load_reference
 
-LEDGER_NAME = "client_dp.json"
+LEDGER_NAME = "client_dp.jsonl"
 KEEP_RECEIVED = 4  # globals kept at once; a site's job normally runs one task at a time
 
 # (job id, task id) -> the global weights received in that task. Module level: privacy.json builds
@@ -124,7 +126,7 @@ class ClientDPFilter(DXOFilter):
         engine = fl_ctx.get_engine()
         root = engine.get_workspace().get_root_dir() if engine is not None else None
         if root not in self._ledgers:
-            self._ledgers[root] = PrivacyLedger(ledger_path(root, LEDGER_NAME))
+            self._ledgers[root] = site_ledger(root, LEDGER_NAME)
         return self._ledgers[root]
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -156,16 +158,18 @@ class ClientDPFilter(DXOFilter):
         else:
             reference = _received_reference(tensors, dxo, fl_ctx)
         ledger = self._ledger(fl_ctx)
-        after = ledger.epsilon(self.delta, self.accountant, release(self.sigma))
-        if self.epsilon_max is not None and after > self.epsilon_max:
-            raise RuntimeError(
-                f"client DP at {site!r}: this release would spend ε={after:.3f} > epsilon_max {self.epsilon_max:g} "
-                f"({len(ledger.entries)} releases so far); refusing to send the update"
-            )
+
+        def within(history) -> None:  # checked on the ledger as it is at the charge, under its lock
+            after = epsilon(history, self.delta, self.accountant)
+            if self.epsilon_max is not None and after > self.epsilon_max:
+                raise RuntimeError(
+                    f"client DP at {site!r}: this release would spend ε={after:.3f} > epsilon_max "
+                    f"{self.epsilon_max:g} ({len(history) - 1} releases so far); refusing to send the update")
+
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND)
         rnd = self._calls if rnd is None else int(rnd)
         self._calls += 1
-        ledger.charge(*release(self.sigma), site=site, round=rnd, job=fl_ctx.get_job_id(), clip=self.clip)
+        ledger.charge(*release(self.sigma), check=within, site=site, round=rnd, job=fl_ctx.get_job_id(), clip=self.clip)
         seed = secrets.randbits(63) if self.seed is None else int.from_bytes(
             hashlib.sha256(f"{self.seed}|{site}|{rnd}".encode()).digest()[:8], "big") >> 1
         generator = torch.Generator().manual_seed(seed)
@@ -176,6 +180,8 @@ class ClientDPFilter(DXOFilter):
             value = value.to(original.dtype) if original.is_floating_point() else value
             dxo.data[key] = value.numpy() if kinds[key] == "numpy" else value
         dxo.meta.pop(META_KEY, None)
+        if isinstance(dxo.meta.get("train"), Mapping):  # a flare-lora result's training statistics
+            dxo.meta["train"] = released_train_stats(dxo.meta["train"])
         spent = ledger.epsilon(self.delta, self.accountant)
         report = {"epsilon": spent, "delta": self.delta, "sigma": self.sigma, "clip": self.clip,
                   "releases": len(ledger.entries), "accountant": self.accountant, "epsilon_max": self.epsilon_max}
