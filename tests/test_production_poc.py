@@ -38,7 +38,7 @@ from poc_harness import HarnessPocEnv, workspace_processes
 
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
 ADMIN = "admin@coordinator.example.org"
-CHECKPOINT = "checkpoints/flora"  # relative: under the server's workspace
+CHECKPOINT = "checkpoints/flora"  # relative: under the server workspace, in the submitter's folder
 HEARTBEAT_TIMEOUT = 20  # seconds without heartbeat before the server declares a site dead (default 600)
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +91,7 @@ def test_trainer_crash_site_crash_and_server_restart_in_provisioned_deployment(t
         config["servers"][0]["heart_beat_timeout"] = HEARTBEAT_TIMEOUT
         resources.write_text(json.dumps(config, indent=2))
         env.start()
-        checkpoint = Path(env.site_dir("server"), CHECKPOINT)
+        checkpoint = Path(env.site_dir("server"), "flare_lora_checkpoints", ADMIN, CHECKPOINT)
         t_started = time.monotonic()
 
         first = make_recipe(tiny_model_dir).run(env).get_job_id()

@@ -7,13 +7,17 @@ directories, a researcher who holds none of it.
    logical names, its limits; hospital-a requires HE) and runs ``flare-lora site-policy --he
    --deny-byoc`` on its kit;
 3. the researcher exports a FLoRA job with DP-SGD and HE naming the model and data by logical
-   name, from a directory where neither exists, submits it with ``nvflare job submit``, waits
-   and downloads the results.
+   name, from a directory where neither exists (only the public base model's config.json, which
+   pins the modules the server accepts), submits it with ``nvflare job submit``, waits and
+   downloads the results;
+4. a hostile researcher edits the same job's executor command to run code of its own: a site
+   that denies bring-your-own-code refuses the job before anything runs.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +27,7 @@ import yaml
 
 from flare_lora.components.report import load_metrics
 from poc_harness import HarnessPocEnv, workspace_processes
-from test_flora_poc import _env, nvflare
+from test_flora_poc import _env, _nvflare_cmd, nvflare
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 ADMIN = "admin@coordinator.example.org"
@@ -79,9 +83,10 @@ def test_provision_site_config_export_submit_download(tmp_path, tiny_model_dir):
         env.start()
 
         researcher = tmp_path / "researcher"  # holds neither the model nor any hospital's data
-        researcher.mkdir()
+        (researcher / "base").mkdir(parents=True)
+        shutil.copy(Path(tiny_model_dir) / "config.json", researcher / "base" / "config.json")
         flare_lora("export", "flora", "--sites", ",".join(SITES), "--ranks", "2,4,2", "--model", "tiny-llama",
-                   "--data", "notes", "--dp-noise-multiplier", "0.5", "--he", "--no-byoc", "--rounds", "2",
+                   "--model-config", str(researcher / "base" / "config.json"), "--data", "notes", "--dp-noise-multiplier", "0.5", "--he", "--no-byoc", "--rounds", "2",
                    "--steps", "2", "--batch-size", "2", "--site-python", sys.executable,
                    "--export-dir", str(researcher / "job"), cwd=researcher, env=admin_env)
         cli_env = {**_env(), **env.environ()}
@@ -91,6 +96,22 @@ def test_provision_site_config_export_submit_download(tmp_path, tiny_model_dir):
         assert done["status"] == "FINISHED:COMPLETED", (done, env.log_paths(job_id))
         assert not nvflare(cli_env, "job", "meta", job_id, *kit).get("byoc")  # every site denies byoc anyway
         download = Path(nvflare(cli_env, "job", "download", job_id, "-o", str(researcher / "download"), *kit)["path"])
+
+        evil = researcher / "evil"  # the same job, its executor told to run code of the researcher's
+        shutil.copytree(researcher / "job" / "flora", evil)
+        pwned = tmp_path / "pwned"
+        for config in evil.glob("app_*/config/config_fed_client.json"):
+            content = json.loads(config.read_text())
+            content["executors"][0]["executor"]["args"]["command"] = [
+                sys.executable, "-c", f"open({str(pwned)!r}, 'w').write('ran')"]
+            config.write_text(json.dumps(content))
+        evil_id = nvflare(cli_env, "job", "submit", "-j", str(evil), *kit)["job_id"]
+        waited = subprocess.run([*_nvflare_cmd(), "--format", "json", "job", "wait", evil_id, "--timeout", "200", *kit],
+                                env=cli_env, capture_output=True, text=True, timeout=230)
+        status = json.loads(waited.stdout)["data"]["status"]  # a failed job: nvflare exits 1
+        assert status == "FINISHED:EXECUTION_EXCEPTION" and not pwned.exists(), waited.stdout
+        site_log = Path(env.log_paths(evil_id)["hospital-b"]["job_log"]).read_text(errors="replace")
+        assert "refusing this job at this site: it carries no code" in site_log, site_log[-3000:]
     finally:
         env.stop()
     assert workspace_processes(tmp_path / "deploy") == {}

@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .lora_state import InvalidUpdate, normalize_weights
+from .lora_state import InvalidUpdate, check_tensor, normalize_weights
 
 # "<...>.layers.<i>.<...>" (Llama, Mistral, Qwen, Gemma, Phi), "h.<i>" (GPT-2), "blocks.<i>"
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -78,11 +78,7 @@ def validate_layer_update(
             diff = sorted(rel ^ expected)
             raise InvalidUpdate(f"layer {layer}: tensors differ from the expected set, e.g. {diff[0]!r}")
         for key, value in tensors.items():
-            if not isinstance(value, Tensor) or not value.is_floating_point():
-                got = value.dtype if isinstance(value, Tensor) else type(value).__name__
-                raise InvalidUpdate(f"{key}: expected a floating-point torch.Tensor, got {got}")
-            if not bool(torch.isfinite(value).all()):
-                raise InvalidUpdate(f"{key}: contains NaN or Inf")
+            check_tensor(key, value)
             if known_shapes and key in known_shapes and tuple(known_shapes[key]) != tuple(value.shape):
                 raise InvalidUpdate(f"{key}: expected shape {tuple(known_shapes[key])}, got {tuple(value.shape)}")
 

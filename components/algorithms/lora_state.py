@@ -14,6 +14,8 @@ from torch import Tensor
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
+# what a site may send: torch.isfinite is defined for these (not for float8), and they convert exactly to float64
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class InvalidUpdate(ValueError):
@@ -44,6 +46,17 @@ def lora_module_shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, int]
     }
 
 
+def check_tensor(key, value) -> None:
+    """One entry of a site's tensors: a str key, a float tensor of FACTOR_DTYPES, all finite."""
+    if not isinstance(key, str):
+        raise InvalidUpdate(f"{key!r}: expected a str key, got {type(key).__name__}")
+    if not isinstance(value, Tensor) or value.dtype not in FACTOR_DTYPES:
+        got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+        raise InvalidUpdate(f"{key}: expected a torch.Tensor of {[str(d) for d in FACTOR_DTYPES]}, got {got}")
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidUpdate(f"{key}: contains NaN or Inf")
+
+
 def validate_lora_update(
     state: Mapping[str, Tensor],
     *,
@@ -58,9 +71,7 @@ def validate_lora_update(
     if not state:
         raise InvalidUpdate("empty LoRA update")
     for key, value in state.items():
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            got = value.dtype if isinstance(value, Tensor) else type(value).__name__
-            raise InvalidUpdate(f"{key}: expected a floating-point torch.Tensor, got {got}")
+        check_tensor(key, value)
         prefix = _prefix(key)
         if prefix is None:
             raise InvalidUpdate(
@@ -68,8 +79,6 @@ def validate_lora_update(
             )
         if value.dim() != 2:
             raise InvalidUpdate(f"{key}: expected a 2-D tensor, got shape {tuple(value.shape)}")
-        if not bool(torch.isfinite(value).all()):
-            raise InvalidUpdate(f"{key}: contains NaN or Inf")
         for suffix in (LORA_A_SUFFIX, LORA_B_SUFFIX):
             if prefix + suffix not in state:
                 raise InvalidUpdate(f"{key}: missing its pair {prefix + suffix}")
@@ -90,6 +99,22 @@ def validate_lora_update(
                 raise InvalidUpdate(f"{b_key}: expected out dim {out_dim}, got {b.shape[0]}")
             if a.shape[1] != in_dim:
                 raise InvalidUpdate(f"{a_key}: expected in dim {in_dim}, got {a.shape[1]}")
+
+
+def product_norms(state: Mapping[str, Tensor], scaling: float) -> dict[str, float]:
+    """{prefix: ||scaling * B @ A||_F}, in float64 from the r x r Gram matrices
+    (trace(B^T B A A^T)): no out x in product, and factors whose product would overflow float32
+    give a large finite (or inf) norm instead of an inf weight at merge time."""
+    norms = {}
+    for p in module_prefixes(state):
+        a, b = state[p + LORA_A_SUFFIX], state[p + LORA_B_SUFFIX]
+        if 0 in a.stride() or 0 in b.stride():  # HE shape stubs (zero views): no values, and never materialised
+            norms[p] = 0.0
+            continue
+        a, b = a.double(), b.double()
+        squared = torch.trace((b.T @ b) @ (a @ a.T)).clamp(min=0.0)
+        norms[p] = abs(float(scaling)) * float(squared.sqrt())
+    return norms
 
 
 def group_modules(

@@ -36,8 +36,13 @@ def lora_delta(state: Mapping[str, Tensor], scaling: float = 1.0) -> dict[str, T
 def merge_lora_into(
     weights: MutableMapping[str, Tensor], state: Mapping[str, Tensor], scaling: float = 1.0
 ) -> None:
-    """In place, W += scaling * B @ A for every module (works on a model's named_parameters())."""
-    for name, delta in lora_delta(state, scaling).items():
+    """In place, W += scaling * B @ A for every module (works on a model's named_parameters()).
+
+    All or nothing: every module is checked first (the weight exists, shapes match, W + delta is
+    finite in W's dtype), so a bad global never leaves a site with half-merged or inf weights.
+    """
+    deltas = lora_delta(state, scaling)
+    for name, delta in deltas.items():
         if name not in weights:
             raise KeyError(f"base weight {name} not found for its LoRA module")
         w = weights[name]
@@ -45,6 +50,10 @@ def merge_lora_into(
             raise ValueError(
                 f"{name}: weight shape {tuple(w.shape)}, LoRA delta {tuple(delta.shape)}"
             )
+        if not bool(torch.isfinite(w + delta.to(device=w.device, dtype=w.dtype)).all()):
+            raise ValueError(f"{name}: merging its LoRA delta would make the weight non-finite")
+    for name, delta in deltas.items():
+        w = weights[name]
         w.add_(delta.to(device=w.device, dtype=w.dtype))
 
 

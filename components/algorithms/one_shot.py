@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .lora_state import InvalidUpdate, lora_module_shapes, validate_lora_update
+from .lora_state import InvalidUpdate, check_tensor, lora_module_shapes, validate_lora_update
 from .stacking import stack_lora
 
 
@@ -70,10 +70,7 @@ class OnlineAverage:
         if not state:
             raise InvalidUpdate("empty update")
         for key, value in state.items():
-            if not isinstance(value, Tensor) or not value.is_floating_point():
-                raise InvalidUpdate(f"{key!r}: expected a floating-point tensor, got {type(value).__name__}")
-            if not torch.isfinite(value).all():
-                raise InvalidUpdate(f"{key!r}: contains NaN or Inf")
+            check_tensor(key, value)
         if self._shapes is None:
             return
         missing, extra = sorted(set(self._shapes) - set(state)), sorted(set(state) - set(self._shapes))

@@ -67,7 +67,7 @@ def add_common_args(p: argparse.ArgumentParser, *, ranks: bool = True, rounds: b
                    help="a site's own training script speaking the same protocol (repeatable)")
     g = p.add_argument_group("environment (--export / --export-dir: write the job folder for `nvflare job submit`)")
     g.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
-    g.add_argument("--workspace", default=None, help="simulator / POC workspace (default /tmp/flare_lora/<env>)")
+    g.add_argument("--workspace", default=None, help="simulator / POC workspace (default: a new /tmp/flare_lora/<env>-XXXX per run)")
     g.add_argument("--startup-kit", default=None, help="admin startup kit (--env prod)")
     g.add_argument("--site-local", action="append", default=[], metavar="SITE=PATH",
                    help="POC: copy PATH into SITE's local/ folder, as its admin would (e.g. a privacy.json scope)")
@@ -92,6 +92,13 @@ def add_production_args(p: argparse.ArgumentParser) -> None:
                         "a job started on a checkpoint of the same job resumes after its last round")
     g.add_argument("--max-result-mb", type=float, default=0.0,
                    help="reject a site result larger than this many MB (0: no cap)")
+    g.add_argument("--max-examples", type=int, default=None, metavar="N",
+                   help="reject a site result that declares more examples, i.e. weight (default 1000000)")
+    g.add_argument("--max-update-norm", type=float, default=None, metavar="X",
+                   help="LoRA jobs: reject a site update with a module's ||s*B@A||_F above X (default 100; 0: no bound)")
+    g.add_argument("--model-config", default=None, metavar="PATH",
+                   help="LoRA jobs: the base model (dir, .gguf or config.json) the server pins the sites' modules to, "
+                        "when --model is a logical name or not on this machine")
     g.add_argument("--task-timeout", type=int, default=0,
                    help="seconds a round waits for a live site (0: until it answers or FLARE declares it dead)")
     g.add_argument("--ddp", type=int, default=1, metavar="N",

@@ -4,6 +4,7 @@ provisioned deployment through an admin's startup kit."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 
 def make_env(args, sites: dict):
@@ -14,7 +15,7 @@ def make_env(args, sites: dict):
         raise ValueError(f"--startup-kit: only with --env prod (the simulator and POC make their own), got --env {args.env}")
     if args.workspace and args.env == "prod":
         raise ValueError("--workspace: not with --env prod (the deployment's server keeps the workspace)")
-    workspace = args.workspace or f"/tmp/flare_lora/{args.env}"
+    workspace = args.workspace or run_workspace(args.env)
     if args.env == "sim":
         from nvflare.recipe import SimEnv
 
@@ -26,6 +27,12 @@ def make_env(args, sites: dict):
     if not args.startup_kit:
         raise ValueError("--env prod needs --startup-kit (the admin's startup kit directory)")
     return ProdEnv(startup_kit_location=args.startup_kit)
+
+
+def run_workspace(env: str) -> str:
+    """A new folder per run under /tmp/flare_lora (two runs at once never share a workspace)."""
+    os.makedirs("/tmp/flare_lora", exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{env}-", dir="/tmp/flare_lora")
 
 
 def poc_env(args, sites: list[str], workspace: str):

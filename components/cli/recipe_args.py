@@ -101,7 +101,8 @@ def recipe_kwargs(args, exporting: bool) -> dict:
         command=site_command(args, exporting), site_scripts=site_scripts(args),
         max_trainer_restarts=DEFAULT_RESTARTS if args.max_trainer_restarts is None else args.max_trainer_restarts,
         checkpoint_dir=args.checkpoint_dir, max_result_bytes=int(args.max_result_mb * 1e6),
-        task_timeout=args.task_timeout, byoc=not args.no_byoc,
+        task_timeout=args.task_timeout, byoc=not args.no_byoc, max_update_norm=args.max_update_norm,
+        model_config=args.model_config, **({} if args.max_examples is None else {"max_examples": args.max_examples}),
         client_dp=client_dp_options(args), **he_kwargs(args, exporting),
     )
 
@@ -143,7 +144,11 @@ def he_kwargs(args, exporting: bool) -> dict:
         return {"he": True}
     from flare_lora.privacy.he_context import provision_sim_contexts
 
-    folder = os.path.join(os.path.abspath(args.workspace or "/tmp/flare_lora/sim"), "he_contexts")
+    if not args.workspace:  # the run's workspace, which make_env then uses too
+        from flare_lora.components.cli.environments import run_workspace
+
+        args.workspace = run_workspace(args.env)
+    folder = os.path.join(os.path.abspath(args.workspace), "he_contexts")
     return {"he": True, "he_context_dir": provision_sim_contexts(folder)}
 
 

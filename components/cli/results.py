@@ -13,6 +13,21 @@ from flare_lora.components.report import comm_totals, load_metrics, write_report
 
 METRICS_GLOB = os.path.join("**", "flare_lora", "metrics.json")
 MODEL_KEYS = ("adapter", "layers_file", "full_weights")  # what metrics.json names as the final model
+RESULTS_MARKER = ".flare_lora_results"  # in every results folder this command wrote: it may replace only those
+
+
+def check_results_dir(out_dir: str) -> None:
+    """ValueError unless ``out_dir`` is absent, empty or a results folder flare-lora wrote: the
+    results replace it, and nothing a user did not create is ever deleted."""
+    path = os.path.realpath(out_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--results {out_dir}: exists and is not a folder")
+    if os.path.realpath(os.getcwd()).startswith(path.rstrip(os.sep) + os.sep) or path == os.path.realpath(os.getcwd()):
+        raise ValueError(f"--results {out_dir}: is the current folder or holds it; choose a new or empty folder")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, RESULTS_MARKER)):
+        found = sorted(os.listdir(path))
+        raise ValueError(f"--results {out_dir}: holds files flare-lora did not write ({found[:3]}"
+                         f"{' ...' if len(found) > 3 else ''}); choose a new or empty folder")
 
 
 def collect_results(result_dir: str | None, out_dir: str) -> dict:
@@ -24,8 +39,11 @@ def collect_results(result_dir: str | None, out_dir: str) -> dict:
         raise SystemExit(f"no flare_lora/metrics.json under the job result {result_dir!r}; see the server log there")
     src = os.path.dirname(found[0])
     if os.path.abspath(src) != os.path.abspath(out_dir):
-        shutil.rmtree(out_dir, ignore_errors=True)
+        check_results_dir(out_dir)  # again: the job ran for a while
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)  # empty, or results this command wrote
         shutil.copytree(src, out_dir)
+        open(os.path.join(out_dir, RESULTS_MARKER), "w").close()
     log = load_metrics(os.path.join(out_dir, "metrics.json"))
     if not log.get("model_at_sites"):
         return log

@@ -13,7 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flare_lora.components.cli.environments import make_env
-from flare_lora.components.cli.results import collect_results, print_report, report_results, save_merged
+from flare_lora.components.cli.results import (
+    check_results_dir,
+    collect_results,
+    print_report,
+    report_results,
+    save_merged,
+)
 from flare_lora.components.flare.nvflare_compat import export_dir, export_requested
 
 
@@ -41,13 +47,14 @@ def run_job(parser, build: Callable[..., Job], argv=None, *, export: bool = Fals
             job.recipe.export(export_dir())
             print(f"job exported to {os.path.join(export_dir(), job.name)}  (nvflare job submit -j that_dir)")
             return 0
+        results = args.results or os.path.join("results", job.name)
+        check_results_dir(results)
         env = make_env(args, job.sites)
         if args.env != "prod":  # the sites' model, data and limits, before anything starts
             job.recipe.check_local_sites(getattr(env, "local_files", {}))
     except (ValueError, FileNotFoundError) as e:  # ConfigError too: one line naming site and key
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = args.results or os.path.join("results", job.name)
     return run_recipe(job, env, results, args.model, args.save_merged)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from flare_lora.components.algorithms.lora_state import lora_module_shapes
-from flare_lora.components.flare.workflow import FederatedWorkflow, keep_args
+from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes
+from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args
 from flare_lora.components.strategies import METHODS, SiteUpdate, check_update, get_method
+from flare_lora.components.strategies.base import DEFAULT_MAX_UPDATE_NORM, UpdateLimits, check_limits, pinned_shapes
 from flare_lora.components.strategies.aggregators import PlainRounds
 from flare_lora.privacy.he_aggregate import check_he_method
 from flare_lora.privacy.he_server import EncryptedRounds
@@ -27,15 +28,22 @@ class LoraController(FederatedWorkflow):
         num_rounds: int = 3,
         site_configs: dict | None = None,
         method_options: dict | None = None,
+        module_shapes: list | None = None,
+        max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
         *args,
         **kwargs,
     ):
         """Args:
         method: "flora" (exact stacking), "fedit", "zero_pad" or "fedcdd".
         num_rounds: training rounds; a final "validate" task evaluates the last global model.
-        site_configs: {site: {"rank": r, "alpha": a}} as the job declared them; a site's result
-            is vetted against its declared rank and weighted by its declared alpha.
+        site_configs: {site: {"rank": r, "alpha": a, "target_modules": [...]}} as the job declared
+            them; a site's result is vetted against its declared rank and modules and weighted by
+            its declared alpha.
         method_options: the method's typed options, e.g. {"variant": "consensus"} for fedcdd.
+        module_shapes: [[PEFT module prefix, out, in], ...]: every module the job's sites may adapt,
+            from the base model (module_shapes.py); None: a site's modules must be its
+            target_modules, with the shapes first accepted in the job.
+        max_update_norm: the largest ||s*B@A||_F of one module of a site's update (0: no bound).
         args, kwargs: those of FederatedWorkflow (min_clients, clients_per_round, seed, task_timeout,
             max_result_bytes, checkpoint_dir, he, ...); named so, FLARE's job export reads them too.
         """
@@ -45,8 +53,10 @@ class LoraController(FederatedWorkflow):
         get_method(method, **(method_options or {}))  # fail at config time on an unknown option
         if self.he:
             check_he_method(method)
+        check_limits(self.max_examples, max_update_norm)
         keep_args(self, locals())
         self.site_configs = site_configs or {}
+        self.limits = UpdateLimits(pinned_shapes(module_shapes), self.max_examples, max_update_norm)
 
     def new_log(self) -> dict:
         log = {"method": self.method, "num_rounds": self.num_rounds}
@@ -63,12 +73,12 @@ class LoraController(FederatedWorkflow):
     def workflow(self) -> None:
         self.rounds: list = []  # one aggregated global per round
         self.merged: dict[str, int] = {}  # rounds each site has installed, as it last reported
-        self.module_shapes: dict[str, tuple[int, int]] = {}
+        self.learned: dict[str, tuple[int, int]] = {}  # shapes accepted so far (when not pinned)
         checkpoint, saved = self.open_checkpoint()
         if saved:
             self.rounds = saved.rounds
             for state in self.rounds:
-                self.module_shapes.update(lora_module_shapes(state))
+                self.learned.update(lora_module_shapes(state))
             if saved.extra.get("scaling") is not None:
                 self.strategy.scaling = saved.extra["scaling"]
         for rnd in range(len(self.rounds), self.num_rounds):
@@ -80,7 +90,7 @@ class LoraController(FederatedWorkflow):
                 if update is not None:
                     updates.append(update)
             self.require(rnd, [u.site for u in updates], sites)
-            self.rounds.append(self.aggregator.aggregate(updates))
+            self.rounds.append(self.aggregate(rnd, updates))
             record["aggregated"] = [u.site for u in updates]
             self.log["rounds"].append(record)
             self.info(f"round {rnd}: aggregated {len(updates)} site(s) with {self.method}")
@@ -135,15 +145,27 @@ class LoraController(FederatedWorkflow):
         its declared rank/alpha, the shapes seen so far and the method's own rules."""
         meta = result.meta or {}
         declared = self.site_configs.get(site, {})
+        merged = meta.get("merged_rounds")
+        if not isinstance(merged, int) or isinstance(merged, bool) or not 0 <= merged <= len(self.rounds):
+            raise InvalidUpdate(f"merged_rounds: expected an int in [0, {len(self.rounds)}], got {merged!r}")
         rank = declared.get("rank", meta.get("rank"))
         checked, state = self.aggregator.vet(result.params, rank, site)
         update = SiteUpdate(site=site, state=checked, num_examples=meta.get("num_examples", 0), rank=rank,
                             alpha=declared.get("alpha", meta.get("alpha", 0.0)))
-        check_update(update, self.module_shapes)
+        check_update(update, self.limits, learned=self.learned, targets=declared.get("target_modules"))
         self.strategy.check(update, accepted)
-        self.module_shapes.update(lora_module_shapes(update.state))
+        self.learned.update(lora_module_shapes(update.state))
         update.state = state
         return update
+
+    def aggregate(self, rnd: int, updates: list[SiteUpdate]) -> dict:
+        """The round's global, refused (the job fails with the reason) if it is not finite: it would
+        otherwise be stored and sent to every site."""
+        state = self.aggregator.aggregate(updates)
+        bad = None if self.aggregator.encrypted else next((k for k, v in state.items() if not bool(v.isfinite().all())), None)
+        if bad is not None:
+            raise JobFailed(f"round {rnd}: the aggregate of {[u.site for u in updates]} is not finite at {bad}")
+        return state
 
     def write_results(self, final: bool = False) -> None:
         self.log.update(self.aggregator.save(self.out, self.rounds, final,

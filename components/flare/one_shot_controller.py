@@ -19,6 +19,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args
 from flare_lora.components.strategies import ONE_SHOT_METHODS, SiteUpdate, check_examples, check_update, get_method
+from flare_lora.components.strategies.base import DEFAULT_MAX_UPDATE_NORM, UpdateLimits, check_limits, pinned_shapes
 from flare_lora.components.strategies.aggregators import PlainFold
 from flare_lora.privacy.he_server import EncryptedFold
 
@@ -50,6 +51,8 @@ class OneShotController(FederatedWorkflow):
         timeout: float | None = None,
         evaluate_global: bool = False,
         site_configs: dict | None = None,
+        module_shapes: list | None = None,
+        max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
         *args,
         **kwargs,
     ):
@@ -63,7 +66,11 @@ class OneShotController(FederatedWorkflow):
         timeout: seconds after which the job gives up waiting for min_clients and fails
             (default 3 x deadline).
         evaluate_global: send the final global, for evaluation only, to the sites whose results it holds.
-        site_configs: {site: {"rank": r, "alpha": a}}; LoRA results must match their site's rank.
+        site_configs: {site: {"rank": r, "alpha": a, "target_modules": [...]}}; LoRA results must
+            match their site's rank and modules.
+        module_shapes, max_update_norm: as in LoraController, for the LoRA methods (with "full",
+            module_shapes must be None and max_update_norm is not used: results are full weights,
+            pinned to the first accepted one's tensors).
         args, kwargs: those of FederatedWorkflow (named so, FLARE's job export reads them too);
             min_clients is the fewest folded-in results the job may finish with; clients_per_round
             and checkpoint_dir do not apply (one round).
@@ -74,8 +81,12 @@ class OneShotController(FederatedWorkflow):
         super().__init__(*args, **kwargs)
         check_one_shot_options(method, len(sites) if sites else max(self.min_clients, 1), self.min_clients,
                                deadline, late_grace, timeout)
+        check_limits(self.max_examples, max_update_norm)
+        if method == "full" and module_shapes is not None:
+            raise ValueError("module_shapes: pins LoRA modules; method 'full' sends full weights")
         keep_args(self, locals())
         self.site_configs = site_configs or {}
+        self.limits = UpdateLimits(pinned_shapes(module_shapes), self.max_examples, max_update_norm)
 
     def new_log(self) -> dict:
         return {"method": self.method, "protocol": "one_shot", "num_rounds": 1, "arrivals": []}
@@ -171,9 +182,9 @@ class OneShotController(FederatedWorkflow):
                             alpha=declared.get("alpha", meta.get("alpha", 0.0 if self.strategy.lora else 1.0)))
         if self.strategy.lora:
             update.rank = rank
-            check_update(update)
+            check_update(update, self.limits, targets=declared.get("target_modules"))
         else:
-            check_examples(update.num_examples)
+            check_examples(update.num_examples, self.max_examples)
         self.strategy.check(update, self.accepted)
         update.state = state
         self.aggregator.add(update)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from flare_lora.components.flare.one_shot_controller import OneShotController, check_one_shot_options
-from flare_lora.components.flare.recipe_base import SiteRecipe, check_same
+from flare_lora.components.flare.recipe_base import SiteRecipe, check_same, declared
 from flare_lora.components.training.config import ConfigError, SiteConfig
 
 
@@ -47,6 +47,10 @@ class OneShotRecipe(SiteRecipe):
         self.evaluate_global = evaluate_global
         super().__init__(sites=sites, name=name, num_rounds=1, min_clients=min_sites, **common)
 
+    @property
+    def pins_modules(self) -> bool:
+        return self.method != "full"  # "full" results are full weights, not LoRA factors
+
     def check(self, configs: Mapping[str, SiteConfig], *, num_rounds: int, he: bool) -> None:
         if self.method == "fedit":  # a running average of A's and B's: one rank, alpha and module set
             check_same(configs, ("rank", "alpha", "target_modules"), "fedit", "use method flora for heterogeneous ranks")
@@ -55,7 +59,8 @@ class OneShotRecipe(SiteRecipe):
         return OneShotController(method=self.method, sites=list(configs), deadline=self.deadline,
                                  late_grace=self.late_grace, timeout=self.timeout,
                                  evaluate_global=self.evaluate_global,
-                                 site_configs={s: {"rank": c.rank, "alpha": c.alpha} for s, c in configs.items()},
+                                 site_configs=declared(configs), module_shapes=self.module_shapes,
+                                 max_update_norm=self.max_update_norm,
                                  **{k: v for k, v in workflow_args.items() if k not in ("clients_per_round", "checkpoint_dir", "task_timeout")})
 
     def site_args(self, site: str, index: int, seed: int) -> list[str]:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from flare_lora.components.algorithms.noise_mask import check_mask_options
 from flare_lora.components.flare.controller import LoraController
 from flare_lora.components.flare.noise_mask import NoiseMaskFilter
-from flare_lora.components.flare.recipe_base import SiteRecipe, check_same
+from flare_lora.components.flare.recipe_base import SiteRecipe, check_same, declared
 from flare_lora.components.strategies import get_method
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.privacy.he_aggregate import check_he_method
@@ -70,8 +70,8 @@ class LoraRecipe(SiteRecipe):
 
     def make_controller(self, configs: Mapping[str, SiteConfig], workflow_args: dict):
         return LoraController(method=self.method, num_rounds=self.num_rounds, method_options=self.method_options,
-                              site_configs={s: {"rank": c.rank, "alpha": c.alpha} for s, c in configs.items()},
-                              **workflow_args)
+                              site_configs=declared(configs), module_shapes=self.module_shapes,
+                              max_update_norm=self.max_update_norm, **workflow_args)
 
     def site_args(self, site: str, index: int, seed: int) -> list[str]:
         return ["--method", self.method]

@@ -10,6 +10,7 @@ produced). A job supplies its controller, its sites' extra script arguments and 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -28,9 +29,11 @@ from nvflare.job_config.script_runner import ScriptRunner
 from nvflare.recipe.spec import Recipe
 
 from flare_lora.components.data.site_data import load_site_data
+from flare_lora.components.flare.launch_command import CLIENT_MODULE
 from flare_lora.components.flare.restarting_executor import RestartingExecutor
 from flare_lora.components.flare.site_args import to_args
 from flare_lora.components.site_local import FILE_NAME, SiteLocal, is_logical_name
+from flare_lora.components.strategies.base import DEFAULT_MAX_EXAMPLES, DEFAULT_MAX_UPDATE_NORM, check_limits
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.privacy.dp_config import plan_dp_steps
 from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
@@ -39,8 +42,8 @@ from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, he_ser
 
 CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client_train.py")  # a path: importing it would load the trainer
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(CLIENT_SCRIPT)))  # .../flare_lora
-CLIENT_MODULE = "flare_lora.components.flare.client_train"
 INSTALLED_PACKAGES = ("flare_lora",)  # what `pip install flare-lora` puts on a site
+log = logging.getLogger(__name__)
 
 
 class SiteRecipe(Recipe):
@@ -71,9 +74,16 @@ class SiteRecipe(Recipe):
         startup kits (FLARE's HEBuilder), or from he_context_dir (simulator, test-only).
     max_trainer_restarts: how often per job a site launches a new training process after its
         last one died (restarting_executor.py); 0: never.
-    seed, task_timeout, wait_for_clients_timeout, checkpoint_dir, max_result_bytes: those of the
-        server workflow (workflow.py).
+    seed, task_timeout, wait_for_clients_timeout, checkpoint_dir, max_result_bytes, max_examples:
+        those of the server workflow (workflow.py).
+    max_update_norm: the largest ||s*B@A||_F the server accepts for one module of a site's LoRA
+        update (default 100; 0: no bound). LoRA jobs only.
+    model_config: where the server's module shapes come from when ``model`` is a logical name or
+        not on this machine: the base model's dir, .gguf or config.json (module_shapes.py). LoRA
+        jobs pin every site's update to the modules the job's target_modules name on it.
     """
+
+    pins_modules = True  # the job's updates are LoRA factors of the target modules (max_update_norm, model_config apply)
 
     he_tasks: tuple[str, ...] = ("train", "validate")  # tasks whose data carries the (encrypted) global
 
@@ -96,6 +106,9 @@ class SiteRecipe(Recipe):
         site_scripts: Mapping[str, str] | None = None,
         checkpoint_dir: str = "",
         max_result_bytes: int = 0,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
+        max_update_norm: float | None = None,
+        model_config: str | None = None,
         byoc: bool = True,
         client_dp: Mapping | None = None,
         he: bool = False,
@@ -109,6 +122,13 @@ class SiteRecipe(Recipe):
             raise ConfigError("checkpoint_dir: checkpoints hold plaintext rounds; not available with he")
         if not isinstance(max_result_bytes, int) or max_result_bytes < 0:
             raise ConfigError(f"max_result_bytes: expected an integer >= 0, got {max_result_bytes!r}")
+        try:
+            check_limits(max_examples, max_update_norm or 0)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not self.pins_modules and (max_update_norm is not None or model_config is not None):
+            raise ConfigError(f"{'max_update_norm' if max_update_norm is not None else 'model_config'}: bounds and "
+                              f"pins LoRA updates of the target modules; not an option of job {name!r}")
         if not isinstance(task_timeout, int) or task_timeout < 0:
             raise ConfigError(f"task_timeout: expected an integer >= 0 (seconds), got {task_timeout!r}")
         for context in (SERVER_CONTEXT, CLIENT_CONTEXT) if he_context_dir else ():
@@ -132,10 +152,12 @@ class SiteRecipe(Recipe):
         self.num_rounds = num_rounds
         model, data = job_path(model, hub_ids=True), job_path(data)
         self.model, self.data = model, data
+        self.max_update_norm = DEFAULT_MAX_UPDATE_NORM if max_update_norm is None else max_update_norm
+        self.module_shapes = job_module_shapes(model, model_config, configs) if self.pins_modules else None
         workflow_args = dict(
             min_clients=min_clients, clients_per_round=clients_per_round, seed=seed, task_timeout=task_timeout,
             wait_for_clients_timeout=wait_for_clients_timeout, base_model=model or "",
-            max_result_bytes=max_result_bytes, checkpoint_dir=checkpoint_dir, he=he,
+            max_result_bytes=max_result_bytes, max_examples=max_examples, checkpoint_dir=checkpoint_dir, he=he,
             he_context=he_server_context(he_context_dir),
         )
         job = FedJob(name=name, min_clients=min_clients)
@@ -209,6 +231,33 @@ class SiteRecipe(Recipe):
         """Filters of the job's own before the privacy filters (the noise mask)."""
 
 
+def job_module_shapes(model: str | None, model_config: str | None,
+                      configs: Mapping[str, SiteConfig]) -> list[list] | None:
+    """[[PEFT module prefix, out, in], ...] of every module a site of the job adapts, read from the
+    base model here (``model_config``, else ``model`` where it is on this machine); None with a
+    warning when neither is: the server then holds each site to its own target_modules and the
+    shapes first accepted in the job."""
+    from flare_lora.components.training.module_shapes import target_module_shapes
+
+    targets = tuple(sorted({t for cfg in configs.values() for t in cfg.target_modules}))
+    here = model is None or (not is_logical_name(model) and os.path.exists(model))
+    if model_config is None and not here:
+        log.warning(f"model {model!r} is not on this machine: the server cannot pin the sites' LoRA modules to the "
+                    "base model's shapes (give model_config / --model-config: its dir, .gguf or config.json)")
+        return None
+    try:
+        shapes = target_module_shapes(model_config or model, targets)
+    except FileNotFoundError as e:
+        if model_config is not None or model is not None:
+            raise ConfigError(f"{'model_config' if model_config else 'model'}: {e}") from None
+        log.warning(f"the embedded model is not installed here ({e}): the server cannot pin the sites' LoRA "
+                    "modules to its shapes (give model_config / --model-config)")
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{'model_config' if model_config else 'model'}: {e}") from None
+    return [[prefix, *shape] for prefix, shape in shapes.items()]
+
+
 def client_script() -> str:
     """CLIENT_SCRIPT, or a copy of it where FLARE will put it where ScriptRunner looks for it.
 
@@ -257,6 +306,11 @@ def add_site_trainer(job: FedJob, site: str, args: list[str], *, script: str | N
         for part in ("components", "privacy"):
             job.to(FileSource(os.path.join(PACKAGE_DIR, part), dest_dir=f"flare_lora/{part}", app_folder_type="custom"),
                    site)
+
+
+def declared(configs: Mapping[str, SiteConfig]) -> dict[str, dict]:
+    """What the server vets each site's LoRA results against."""
+    return {s: {"rank": c.rank, "alpha": c.alpha, "target_modules": list(c.target_modules)} for s, c in configs.items()}
 
 
 def check_restarts(max_trainer_restarts) -> None:

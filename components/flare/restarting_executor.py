@@ -8,10 +8,14 @@ job. The new trainer holds no global state; the server's controllers send a site
 result went missing everything it lacks (FLoRA: every stacked round, merged into the same base
 weights as at the other sites; averaging: the current global; selective: every global layer),
 so it catches up within the job.
+
+For a job without code it starts only the plugin's training entry point (launch_command.py): a
+job that set any other command is refused at the site before anything is launched.
 """
 
 from __future__ import annotations
 
+from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
@@ -19,7 +23,8 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
 from nvflare.security.logging import secure_format_exception
 
-from flare_lora.components.flare.nvflare_compat import relaunch_backend
+from flare_lora.components.flare.launch_command import check_plugin_command, job_has_code
+from flare_lora.components.flare.nvflare_compat import launch_command, relaunch_backend
 
 # what a task ends with when its trainer is gone (or its session broke) rather than after a result
 TRAINER_LOST = (ReturnCode.EXECUTION_EXCEPTION, ReturnCode.TASK_ABORTED)
@@ -38,6 +43,18 @@ class RestartingExecutor(ClientAPIExecutor):
         self.max_restarts = max_restarts
         self.restarts = 0
         self.failed_task = ""  # the task that failed last, until a new trainer is up
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            custom = fl_ctx.get_engine().get_workspace().get_app_custom_dir(fl_ctx.get_job_id())
+            if not job_has_code(custom):
+                try:
+                    check_plugin_command(launch_command(self))
+                except ValueError as e:
+                    self.system_panic(f"refusing this job at this site: it carries no code, so it may only start "
+                                      f"flare-lora's training entry point: {e}", fl_ctx)
+                    return
+        super().handle_event(event_type, fl_ctx)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self.failed_task and self.restarts < self.max_restarts and not self._relaunch(task_name, fl_ctx):

@@ -274,7 +274,7 @@ class SelectiveController(FederatedWorkflow):
         checked, state = self.aggregator.vet(result.params) if result.params else ({}, {})
         n = meta.get("num_examples") if assigned else 0
         if assigned:
-            check_examples(n)
+            check_examples(n, self.max_examples)
             if not checked:
                 raise InvalidUpdate(f"empty update; assigned layers {assigned}")
         if checked:

@@ -45,6 +45,7 @@ def model_num_layers(model: str | None) -> int | None:
 
 class SelectiveRecipe(SiteRecipe):
     he_tasks = ("score", "train", "validate")  # every task ships (encrypted) layers
+    pins_modules = False  # results are whole layers, pinned to the global's layer keys and shapes
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 
 import torch
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.job_def import JobMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.model_controller import ModelController
@@ -26,10 +28,12 @@ from nvflare.fuel.utils import fobs
 
 from flare_lora.components.flare.checkpoint import CheckpointError, Resumed, RoundCheckpoint
 from flare_lora.components.flare.nvflare_compat import task_check_period
+from flare_lora.components.strategies.base import DEFAULT_MAX_EXAMPLES, check_limits
 from flare_lora.privacy.he_context import SERVER_CONTEXT, HEContextError
 from flare_lora.privacy.he_server import open_server_context
 
 RESULTS_DIRNAME = "flare_lora"
+CHECKPOINTS_DIRNAME = "flare_lora_checkpoints"  # in the server's workspace, one folder per submitter
 
 
 class JobFailed(Exception):
@@ -47,6 +51,7 @@ class FederatedWorkflow(ModelController):
         server_threads: int | None = 1,
         base_model: str = "",
         max_result_bytes: int = 0,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
         checkpoint_dir: str = "",
         he: bool = False,
         he_context: str = SERVER_CONTEXT,
@@ -60,10 +65,15 @@ class FederatedWorkflow(ModelController):
         server_threads: torch threads of the server (None: leave as is). Aggregation is memory-bound
             copies that one thread saturates; more only add barriers when cores are shared.
         base_model: the model path or id the sites load (recorded in the exported adapter).
-        max_result_bytes: if > 0, a site result larger than this on the wire is rejected.
-        checkpoint_dir: if set, the global state is saved there after every round (relative paths
-            are under the server's workspace), and a job started on a checkpoint of the same job
-            continues after its last completed round (checkpoint.py). Not with he.
+        max_result_bytes: if > 0, a site result larger than this on the wire is rejected. FLARE 2.9
+            has no receiver-side cap (comm_config's max_message_size is enforced by the sender),
+            so the server has decoded the result when this is checked (docs/production.md).
+        max_examples: a result declaring more examples (its weight in the aggregate) is rejected.
+        checkpoint_dir: if set, the global state is saved after every round in
+            ``<server workspace>/flare_lora_checkpoints/<submitter>/<checkpoint_dir>`` (a relative
+            path without ".."): a job reaches only its own submitter's checkpoints, and one started
+            on a checkpoint of the same job continues after its last completed round
+            (checkpoint.py). Not with he.
         he: aggregate ciphertexts (privacy/he_server.py, docs/he.md): sites encrypt, this server
             combines with public weights and holds no secret key; its copy of the global stays
             encrypted and the sites write the final model.
@@ -71,6 +81,10 @@ class FederatedWorkflow(ModelController):
             server_context.tenseal) or an absolute path (simulator contexts, test-only).
         """
         super().__init__(persistor_id="", ignore_result_error=True)
+        check_limits(max_examples, 0)
+        if checkpoint_dir and not is_plain_relative(checkpoint_dir):
+            raise ValueError(f"checkpoint_dir: expected a relative path without '..' (it lives under the server's "
+                             f"workspace, in the submitter's folder), got {checkpoint_dir!r}")
         if he and checkpoint_dir:
             raise ValueError("checkpoint_dir: checkpoints hold plaintext rounds; not available with he")
         keep_args(self, locals())
@@ -172,7 +186,11 @@ class FederatedWorkflow(ModelController):
         meta = result.meta if isinstance(result.meta, Mapping) else {}
         site = str(meta.get("client_name", "?"))
         entry = record["sites"].setdefault(site, {})
-        entry["upload_bytes"] = wire_bytes(result)
+        tensor_bytes = params_bytes(result.params)  # a lower bound of its wire size, without encoding it again
+        if self.max_result_bytes and tensor_bytes > self.max_result_bytes:
+            entry["upload_bytes"] = tensor_bytes
+        else:
+            entry["upload_bytes"] = wire_bytes(result)
         if self.max_result_bytes and entry["upload_bytes"] > self.max_result_bytes:
             result.params = None  # do not hold an oversized payload until it is vetted
             entry["oversized"] = True
@@ -212,8 +230,13 @@ class FederatedWorkflow(ModelController):
         """The checkpoint (if configured) and what it holds for this job (None: start at round 0)."""
         if not self.checkpoint_dir:
             return None, None
-        directory = os.path.join(self.engine.get_workspace().get_root_dir(), self.checkpoint_dir)
-        checkpoint = RoundCheckpoint(directory)  # an absolute checkpoint_dir wins in os.path.join
+        meta = self.fl_ctx.get_prop(FLContextKey.JOB_META) or {}
+        submitter = str(meta.get(JobMetaKey.SUBMITTER_NAME.value) or "local")
+        if not is_plain_relative(submitter):
+            raise JobFailed(f"checkpoint_dir: the job's submitter name {submitter!r} cannot name a folder")
+        directory = os.path.join(self.engine.get_workspace().get_root_dir(), CHECKPOINTS_DIRNAME, submitter,
+                                 self.checkpoint_dir)
+        checkpoint = RoundCheckpoint(directory)
         if not checkpoint.exists():
             self.info(f"checkpoint {directory}: none yet, starting at round 0")
             return checkpoint, None
@@ -232,11 +255,25 @@ class FederatedWorkflow(ModelController):
         checkpoint.save(self.identity(), rounds, self.log["rounds"], {"rng": [version, list(internal), gauss], **extra})
 
 
+def is_plain_relative(path: str) -> bool:
+    """A relative path that stays below where it is joined: not absolute, no '..', no empty part."""
+    parts = path.replace("\\", "/").split("/")
+    return bool(path) and not os.path.isabs(path) and all(p not in ("", ".", "..") for p in parts)
+
+
 def keep_args(component, args: dict) -> None:
     """Every constructor argument as a same-named attribute: FLARE's job export reads them back."""
     for key, value in args.items():
         if key not in ("self", "args", "kwargs", "__class__"):
             setattr(component, key, value)
+
+
+def params_bytes(params) -> int:
+    """The bytes of a result's tensors (and arrays) alone: what its encoding holds at least."""
+    if not isinstance(params, Mapping):
+        return 0
+    return sum(int(getattr(v, "nbytes", 0)) if not isinstance(v, torch.Tensor) else v.numel() * v.element_size()
+               for v in params.values())
 
 
 def wire_bytes(model: FLModel) -> int:

@@ -14,7 +14,12 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes, validate_lora_update
+from flare_lora.components.algorithms.lora_state import (
+    InvalidUpdate,
+    lora_module_shapes,
+    product_norms,
+    validate_lora_update,
+)
 
 
 @dataclass
@@ -83,26 +88,82 @@ def unpack_rounds(params: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
     return dict(sorted(rounds.items()))
 
 
-def check_update(update: SiteUpdate, known_shapes: Mapping[str, tuple[int, int]] | None = None) -> None:
-    """Reject a malformed LoRA site update before it can touch the aggregate (raises InvalidUpdate).
+DEFAULT_MAX_EXAMPLES = 1_000_000
+DEFAULT_MAX_UPDATE_NORM = 100.0
 
-    ``known_shapes`` ({prefix: (out, in)}) are the module shapes already accepted in this job: a
-    module seen before must keep its shape; new modules (another site's target set) are allowed.
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """What the server accepts from a site beyond a well-formed update (docs/production.md).
+
+    module_shapes: {prefix: (out, in)}: the modules the job's target_modules adapt on the base
+        model (``components/training/module_shapes.py``, read when the job is built); any other
+        module, or another shape, is rejected. None (the job was built without the base model's
+        config): a site's modules must match its own target_modules and keep the shapes accepted
+        before in the job.
+    max_examples: the largest num_examples a site may declare (its weight in the aggregate).
+    max_update_norm: the largest ||s * B @ A||_F of one module of a LoRA update (0: no bound).
     """
+
+    module_shapes: Mapping[str, tuple[int, int]] | None = None
+    max_examples: int = DEFAULT_MAX_EXAMPLES
+    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+
+
+def pinned_shapes(module_shapes) -> dict[str, tuple[int, int]] | None:
+    """A job config's [[prefix, out, in], ...] as UpdateLimits.module_shapes (ValueError naming the
+    entry). A list, not {prefix: shape}: FLARE's config loading turns dotted keys into nested dicts."""
+    if module_shapes is None:
+        return None
+    if not isinstance(module_shapes, Sequence) or isinstance(module_shapes, str) or not module_shapes:
+        raise ValueError(f"module_shapes: expected [[module prefix, out, in], ...], got {module_shapes!r}")
+    pinned = {}
+    for entry in module_shapes:
+        if not isinstance(entry, Sequence) or len(entry) != 3 or not isinstance(entry[0], str) \
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry[1:]):
+            raise ValueError(f"module_shapes: expected [module prefix, out, in] with positive ints, got {entry!r}")
+        pinned[entry[0]] = (entry[1], entry[2])
+    return pinned
+
+
+def check_limits(max_examples, max_update_norm) -> None:
+    """Config errors for the two numeric limits (key, expected vs got)."""
+    if not isinstance(max_examples, int) or isinstance(max_examples, bool) or max_examples < 1:
+        raise ValueError(f"max_examples: expected an integer >= 1, got {max_examples!r}")
+    if isinstance(max_update_norm, bool) or not isinstance(max_update_norm, float | int) \
+            or not 0 <= max_update_norm < float("inf"):
+        raise ValueError(f"max_update_norm: expected a finite number >= 0 (0: no bound), got {max_update_norm!r}")
+
+
+def check_update(update: SiteUpdate, limits: UpdateLimits = UpdateLimits(), *,
+                 learned: Mapping[str, tuple[int, int]] | None = None, targets: Sequence[str] | None = None) -> None:
+    """Reject a malformed or out-of-bounds LoRA site update before it can touch the aggregate
+    (raises InvalidUpdate naming the key). ``learned``: the shapes accepted so far in the job, used
+    when ``limits.module_shapes`` is None; ``targets``: the site's declared target_modules."""
     if not isinstance(update.rank, int) or isinstance(update.rank, bool) or update.rank <= 0:
         raise InvalidUpdate(f"declared rank must be a positive int, got {update.rank!r}")
-    if not isinstance(update.alpha, float | int) or not update.alpha > 0:
-        raise InvalidUpdate(f"declared alpha must be > 0, got {update.alpha!r}")
-    check_examples(update.num_examples)
-    validate_lora_update(update.state, rank=update.rank)
+    if isinstance(update.alpha, bool) or not isinstance(update.alpha, float | int) \
+            or not 0 < update.alpha < float("inf"):
+        raise InvalidUpdate(f"declared alpha must be a finite number > 0, got {update.alpha!r}")
+    check_examples(update.num_examples, limits.max_examples)
+    validate_lora_update(update.state, rank=update.rank, expected_shapes=limits.module_shapes)
     for prefix, shape in lora_module_shapes(update.state).items():
-        if known_shapes and prefix in known_shapes and tuple(known_shapes[prefix]) != shape:
-            raise InvalidUpdate(f"module {prefix!r}: expected (out, in) = {tuple(known_shapes[prefix])}, got {shape}")
+        if targets is not None and not any(prefix == t or prefix.endswith("." + t) for t in targets):
+            raise InvalidUpdate(f"module {prefix!r}: not one of the site's target_modules {list(targets)}")
+        if learned and prefix in learned and tuple(learned[prefix]) != shape:
+            raise InvalidUpdate(f"module {prefix!r}: expected (out, in) = {tuple(learned[prefix])}, got {shape}")
+    if limits.max_update_norm:
+        for prefix, norm in product_norms(update.state, update.scaling).items():
+            if not norm <= limits.max_update_norm:
+                raise InvalidUpdate(f"module {prefix!r}: ||s*B@A||_F = {norm:.4g} exceeds "
+                                    f"max_update_norm={limits.max_update_norm:g}")
 
 
-def check_examples(num_examples) -> None:
+def check_examples(num_examples, max_examples: int = DEFAULT_MAX_EXAMPLES) -> None:
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
         raise InvalidUpdate(f"declared num_examples must be a positive int, got {num_examples!r}")
+    if num_examples > max_examples:
+        raise InvalidUpdate(f"declared num_examples={num_examples} exceeds max_examples={max_examples}")
 
 
 def check_one_scaling(update: SiteUpdate, accepted: Sequence[SiteUpdate], method: str) -> None:

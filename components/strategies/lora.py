@@ -23,7 +23,7 @@ from flare_lora.components.algorithms.merge import merge_rounds_into
 from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
 from flare_lora.components.algorithms.stacking import concat_lora, stack_lora
 from flare_lora.components.strategies.base import SiteUpdate, check_one_scaling, pack_rounds, unpack_rounds
-from flare_lora.components.training.lora import base_weights, load_lora_state, reset_lora
+from flare_lora.components.training.lora import base_weights, check_linear_modules, load_lora_state, reset_lora
 
 
 class FLoRA:
@@ -64,6 +64,9 @@ class FLoRA:
         expected = list(range(merged_rounds, merged_rounds + len(rounds)))
         if list(rounds) != expected:
             raise InvalidUpdate(f"catch-up rounds {list(rounds)} do not continue merged round count {merged_rounds}")
+        for state in rounds.values():
+            if state:
+                check_linear_modules(peft_model, state)
         merge_rounds_into(base_weights(peft_model), [s for s in rounds.values() if s])
         reset_lora(peft_model, seed)
         return merged_rounds + len(rounds)

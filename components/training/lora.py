@@ -7,6 +7,7 @@ State dicts use PEFT's key layout (see docs/design.md), which is what every aggr
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -14,6 +15,8 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes, validate_lora_update
+from flare_lora.components.algorithms.merge import BASE_PREFIX
 from flare_lora.components.training.config import ConfigError, SiteConfig
 
 
@@ -67,8 +70,24 @@ def lora_state(peft_model: PeftModel) -> dict[str, Tensor]:
     return {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
 
 
+def check_linear_modules(peft_model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """A site's own check before it merges global factors into its base weights: a well-formed,
+    finite LoRA state whose every module is a linear layer of the base model with the factors'
+    (out, in): a bad global is never merged into embeddings, norms or anything else."""
+    validate_lora_update(state)
+    base = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+    modules = dict(base.named_modules())
+    for prefix, shape in lora_module_shapes(state).items():
+        module = modules.get(prefix.removeprefix(BASE_PREFIX))
+        layer = getattr(module, "base_layer", module)  # PEFT wraps the linear layers it adapts
+        if not isinstance(layer, nn.Linear) or (layer.out_features, layer.in_features) != shape:
+            raise InvalidUpdate(f"global module {prefix!r}: not a linear layer of this site's base model with "
+                                f"(out, in) = {shape}; refusing to merge it")
+
+
 def load_lora_state(peft_model: PeftModel, state: dict[str, Tensor]) -> None:
-    """Load adapter factors, requiring exactly the model's keys and shapes."""
+    """Load adapter factors, requiring exactly the model's keys and shapes, all finite."""
+    validate_lora_update(state)
     expected = get_peft_model_state_dict(peft_model)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
