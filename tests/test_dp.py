@@ -364,6 +364,13 @@ def test_client_filter_bad_options_name_the_key(kwargs, key):
         ClientDPFilter(**kwargs)
 
 
+def test_a_job_cannot_fix_the_client_dp_noise_seed(tiny_model_dir):
+    from flare_lora.components.flare.recipe import LoraRecipe
+
+    with pytest.raises(ConfigError, match="client_dp: seed: .*a job cannot fix it"):
+        LoraRecipe(sites=["site-1"], model=str(tiny_model_dir), client_dp={"clip": 0.1, "sigma": 1.0, "seed": 7})
+
+
 # --- the reference is where local training started, for every method ------------------------------
 
 

@@ -180,7 +180,9 @@ ENTRY = ["-m", "flare_lora.components.flare.client_train"]
     (["python3", "-m", "pip", "install", "x", *ENTRY], "interpreter options"),
     (["python3", "-u", *ENTRY, "--model", "m", "--exec", "x"], "unknown \\['--exec', 'x'\\]"),
     (["python3", "-u", *ENTRY, "--site-index", "one"], "--site-index: invalid int value"),
-], ids=["shell", "python -c", "option before entry", "pip", "unknown argument", "bad value"])
+    (["python3", "-u", *ENTRY, "--method", "${secret:file:/site/startup/client.key}"], "secrets"),
+    (["python3", "-u", *ENTRY, "--help"], "not a training run"),
+], ids=["shell", "python -c", "option before entry", "pip", "unknown argument", "bad value", "secret", "help"])
 def test_a_job_without_code_may_only_start_the_plugin_entry_point(command, problem):
     """What RestartingExecutor refuses at START_RUN for a job that carries no code (the deny-byoc
     walkthrough in tests/test_walkthrough_poc.py submits such a job to real sites)."""

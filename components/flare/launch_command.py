@@ -41,12 +41,19 @@ def check_plugin_command(command: str | Sequence[str]) -> list[str]:
     if not INTERPRETER_OPTIONS.fullmatch(" ".join(argv[1:at])):
         raise ValueError(f"the job's interpreter options {argv[1:at]}: expected none, '-u' or "
                          "'-m torch.distributed.run --standalone --nproc_per_node=N'")
+    args = argv[at + 2:]
+    secret = next((a for a in argv if "${secret:" in a), None)
+    if secret is not None:  # nvflare would resolve it after this check, into the site's secrets
+        raise ValueError(f"the job's command may not reference the site's secrets, got {secret!r}")
+    if "-h" in args or "--help" in args:
+        raise ValueError(f"the job's arguments to {CLIENT_MODULE}: -h/--help is not a training run")
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            _, unknown = client_parser().parse_known_args(argv[at + 2:])
+            _, unknown = client_parser().parse_known_args(args)
     except SystemExit:
-        raise ValueError(f"the job's arguments to {CLIENT_MODULE}: {errors.getvalue().strip().splitlines()[-1]}") from None
+        lines = errors.getvalue().strip().splitlines() or ["refused by its parser"]
+        raise ValueError(f"the job's arguments to {CLIENT_MODULE}: {lines[-1]}") from None
     if unknown:
         raise ValueError(f"the job's arguments to {CLIENT_MODULE}: unknown {unknown}")
     return argv

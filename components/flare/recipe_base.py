@@ -146,6 +146,8 @@ class SiteRecipe(Recipe):
                     raise ConfigError(f"{label}: in-process mode cannot pass a path with spaces: {path!r}")
         configs = {site: SiteConfig.from_dict(self.site_settings(site, dict(cfg)), site) for site, cfg in sites.items()}
         self.check(configs, num_rounds=num_rounds, he=he)
+        if client_dp is not None and "seed" in client_dp:  # a known noise seed lets the server subtract the noise
+            raise ConfigError("client_dp: seed: the noise is drawn from the site's OS entropy; a job cannot fix it")
         dp_filter = ClientDPFilter(**dict(client_dp)) if client_dp is not None else None  # validates
         configs = plan_dp_steps(configs, num_rounds)
         self.sites = {s: c.to_dict() for s, c in configs.items()}

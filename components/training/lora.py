@@ -15,7 +15,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes, validate_lora_update
+from flare_lora.components.algorithms.lora_state import InvalidUpdate, check_tensor, lora_module_shapes, validate_lora_update
 from flare_lora.components.algorithms.merge import BASE_PREFIX
 from flare_lora.components.training.config import ConfigError, SiteConfig
 
@@ -87,7 +87,6 @@ def check_linear_modules(peft_model: nn.Module, state: Mapping[str, Tensor]) -> 
 
 def load_lora_state(peft_model: PeftModel, state: dict[str, Tensor]) -> None:
     """Load adapter factors, requiring exactly the model's keys and shapes, all finite."""
-    validate_lora_update(state)
     expected = get_peft_model_state_dict(peft_model)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -101,6 +100,8 @@ def load_lora_state(peft_model: PeftModel, state: dict[str, Tensor]) -> None:
             f"LoRA state does not fit the model: missing keys {_few(missing)}, "
             f"unexpected keys {_few(unexpected)}, shape mismatches {_few(mismatched)}"
         )
+    for key, value in state.items():
+        check_tensor(key, value)
     set_peft_model_state_dict(peft_model, state)
 
 

@@ -106,7 +106,8 @@ class ClientDPFilter(DXOFilter):
         delta: δ at which ε is reported.
         epsilon_max: the site's budget; a release that would pass it is refused (nothing is sent).
         accountant: "rdp" or "prv" (Opacus).
-        seed: fixed noise seed (tests only; None draws the noise from OS entropy).
+        seed: fixed noise seed, for tests only (None: OS entropy). The job recipes refuse it; in a
+            site's privacy.json it would make every job's noise reproducible by whoever knows it.
         """
         super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
         check_client_dp(clip, sigma, delta, epsilon_max)
