@@ -1,7 +1,7 @@
 """Client-level DP on a site's update: clip the change to L2 norm C, add N(0, σ²C²). Pure torch.
 
 What is privatised is the *change* the site made, Δ = result − reference, where the reference is
-what its local training started from (privacy/update_reference.py): the seeded fresh adapter
+what its local training started from, derived by the filter (privacy/dp_reference.py): the seeded fresh adapter
 (FLoRA: A₀ kaiming, B₀ = 0), the installed global adapter (FedIT, FedCDD, zero-pad: the site's
 rank-r slice), the global layer values (selective layers). The reference is data-independent given
 earlier releases, so publishing reference + clip(Δ) + noise is post-processing of a Gaussian

@@ -95,6 +95,7 @@ class PrivacyLedger:
 
     def _read(self) -> list[dict]:
         recorded = _read_tally(self.tally)
+        self._import_legacy()
         entries = []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -113,6 +114,25 @@ class PrivacyLedger:
                              f"{recorded} at this site; refusing to start from a smaller budget (to reset the site's "
                              "budget on purpose, its admin deletes both files: docs/dp.md)")
         return entries
+
+
+    def _import_legacy(self) -> None:
+        """Carry over the ledger an earlier flare-lora wrote (``<name>.json``: {"entries": [...]}) when
+        this journal does not exist yet, so an upgrade never restarts a site's budget at zero. The
+        old file stays as it was."""
+        legacy = self.path[: -len(".jsonl")] + ".json" if self.path.endswith(".jsonl") else None
+        if not legacy or not os.path.exists(legacy) or os.path.exists(self.path):
+            return
+        try:
+            with open(legacy, encoding="utf-8") as f:
+                old = list(json.load(f)["entries"])
+            lines = [json.dumps({**e, "noise_multiplier": float(e["noise_multiplier"]),
+                                 "sample_rate": float(e["sample_rate"]), "steps": int(e["steps"]),
+                                 "imported_from": legacy}, default=str) + "\n" for e in old]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"privacy ledger {legacy} (an earlier version's): unreadable ({e}); refusing to start "
+                             f"{self.path} from an empty budget") from e
+        _write_atomically(self.path, "".join(lines))
 
 
 def site_ledger(root: str | None, name: str) -> PrivacyLedger:

@@ -13,8 +13,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from flare_lora.privacy.client_dp import update_norm
-from flare_lora.privacy.flare.client_dp_filter import KEEP_RECEIVED, ClientDPFilter
-from flare_lora.privacy.update_reference import save_reference
+from flare_lora.components.algorithms.lora_init import fresh_factor
+from flare_lora.privacy.dp_reference import INIT_SEED_KEY, init_seed
+from flare_lora.privacy.flare.client_dp_filter import KEEP_TASKS, ClientDPFilter
 from test_dp import filter_call, state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_weights_result_is_the_received_global_plus_the_clipped_change():
     for k in released:  # the change against the kept global, only shorter: that global was the reference
         torch.testing.assert_close(released[k], torch.from_numpy(change[k]) * scale, rtol=1e-3, atol=1e-5)
     assert out.meta["client_dp"]["releases"] == 1
-    with pytest.raises(ValueError, match="none were kept for task t1"):  # used once, then dropped
+    with pytest.raises(ValueError, match="nothing was kept for task t1"):  # used once, then dropped
         filter_call(result_filter, result, {}, 1, task="t1")
 
 
@@ -59,13 +60,64 @@ def test_weight_diff_is_clipped_without_a_kept_global():
     assert out.meta["client_dp"]["releases"] == 1
 
 
-def test_flare_lora_reference_wins_over_the_kept_global(tmp_path):
-    reference, change = state(0), state(1, scale=0.01)
+def released_change(out, reference):
+    return update_norm({k: torch.as_tensor(out.data[k]) - reference[k] for k in reference})
+
+
+@pytest.mark.parametrize("method", ["flora", "fedit", "zero_pad"])
+def test_the_reference_is_derived_from_the_task_whatever_the_job_says(method):
+    """A hostile job's result: it claims its own reference (the old meta entry, pointing at a file it
+    wrote), trains from elsewhere, adds meta and odd keys order. The release is the filter's reference
+    plus at most C (sigma tiny), in sorted order, with allow-listed meta only."""
+    rank, alpha, job_global = 8, 16.0, {k: v * 3 for k, v in state(0).items()}
     data_filter, result_filter = privacy_json_pair(sigma=1e-6)
-    filter_call(data_filter, state(7), {}, 0, direction=FilterKey.IN, task="lora")  # e.g. FLoRA's merged global
-    result = {k: reference[k] + change[k] for k in reference}
-    out = filter_call(result_filter, result, save_reference(reference, str(tmp_path), "site-2"), 0, task="lora")
-    assert update_norm({k: out.data[k] - reference[k] for k in result}) == pytest.approx(CLIP, rel=1e-3)
+    sent = {f"r0/{k}": v for k, v in job_global.items()} if method == "flora" else job_global
+    job = f"hostile-{method}"
+    task = filter_call(data_filter, sent, {"method": method}, 2, direction=FilterKey.IN, task="x", job=job)
+    seed = task.meta[INIT_SEED_KEY]
+    assert seed == init_seed(job, 2)
+    if method == "flora":
+        reference = {k: fresh_factor(seed, k, tuple(v.shape)) for k, v in job_global.items()}
+    elif method == "fedit":
+        reference = job_global
+    else:
+        reference = {k: v if "lora_A" in k else v / (alpha / rank) for k, v in job_global.items()}
+    forged = {k: v + 5.0 for k, v in reversed(list(reference.items()))}  # far from where it "started"
+    meta = {"rank": rank, "alpha": alpha, "num_examples": 10**6, "base_digest": "data:" + "ab" * 30,
+            "update_reference": {"path": "/tmp/forged.safetensors", "digest": "0" * 64}, "merged_rounds": 0,
+            "train": {"steps": 3, "train_loss": 0.123, "note": "secret"}, 7: "non-str key"}
+    out = filter_call(result_filter, forged, meta, 2, task="x", job=job)
+    assert released_change(out, reference) == pytest.approx(CLIP, rel=1e-3)
+    assert list(out.data) == sorted(reference)
+    assert out.meta["num_examples"] == 1 and out.meta["train"] == {"steps": 3.0}
+    for withheld in ("base_digest", "update_reference", 7):
+        assert withheld not in out.meta
+    assert set(out.meta) <= {"rank", "alpha", "num_examples", "merged_rounds", "train", "initial_metrics",
+                             "client_dp", "filter_history"}
+    # rank and alpha are pinned at the job's first release at this site: a later change is refused
+    filter_call(data_filter, sent, {"method": method}, 3, direction=FilterKey.IN, task="y", job=job)
+    with pytest.raises(ValueError, match="differ from this job's first release"):
+        filter_call(result_filter, forged, {**meta, "alpha": 32.0}, 3, task="y", job=job)
+
+
+def test_metrics_results_and_their_meta_are_rebuilt_from_the_allow_list():
+    _, result_filter = privacy_json_pair(sigma=1.0)
+    metrics = {"eval_loss": 1.5, "note": "secret", "x" * 100: 1.0, "nan": float("nan"), "client_dp": 0.0}
+    out = filter_call(result_filter, metrics, {"base_digest": "ab" * 32, "client_dp": {"epsilon": 0}}, 0,
+                      kind=DataKind.METRICS, task="validate")
+    assert out.data == {"eval_loss": 1.5, "client_dp": 0.0}
+    assert "base_digest" not in out.meta and "client_dp" not in out.meta  # a job cannot forge the filter's report
+    scores = {"scores": [0.3, 0.9], "budget": 2, "num_layers": 2, "criterion": "grad_norm", "digest": "ab" * 32}
+    out = filter_call(result_filter, {}, scores, 0, kind=DataKind.METRICS, task="score")  # a selective site's scores
+    assert out.meta["scores"] == [0.0, 0.0] and out.meta["dp_scores"] == "withheld"
+    assert (out.meta["budget"], out.meta["criterion"]) == (2, "grad_norm") and "digest" not in out.meta
+
+
+def test_encrypted_global_of_an_averaging_job_fails_closed_naming_the_fix():
+    data_filter, result_filter = privacy_json_pair(sigma=1.0)
+    filter_call(data_filter, {"m.lora_A.weight": b"ciphertext"}, {"method": "fedit"}, 1, direction=FilterKey.IN, task="he")
+    with pytest.raises(ValueError, match="arrived encrypted.*enable client DP in the job"):
+        filter_call(result_filter, state(0), {}, 1, task="he")
 
 
 def test_weights_without_a_kept_global_fail_closed_and_tell_the_admin():
@@ -82,7 +134,7 @@ def test_weights_without_a_kept_global_fail_closed_and_tell_the_admin():
 def test_a_result_entry_missing_from_the_global_fails_closed_naming_it():
     data_filter, result_filter = privacy_json_pair(sigma=1.0)
     filter_call(data_filter, state(0), {}, 0, direction=FilterKey.IN, task="t")
-    with pytest.raises(ValueError, match=r"\['new_head.bias'\] \(1 in all\) were not in the global"):
+    with pytest.raises(ValueError, match=r"'new_head.bias' was never sent by the server"):
         filter_call(result_filter, {**state(0), "new_head.bias": torch.zeros(3)}, {}, 0, task="t")
 
 
@@ -90,11 +142,11 @@ def test_metrics_pass_unchanged_and_only_the_latest_globals_are_kept():
     data_filter, result_filter = privacy_json_pair(sigma=1.0)
     metrics = filter_call(result_filter, {"eval_loss": 1.0}, {}, 0, kind=DataKind.METRICS, task="validate")
     assert metrics.data == {"eval_loss": 1.0} and "client_dp" not in metrics.meta
-    for i in range(KEEP_RECEIVED + 1):
+    for i in range(KEEP_TASKS + 1):
         filter_call(data_filter, state(0), {}, 0, direction=FilterKey.IN, task=f"t{i}")
-    with pytest.raises(ValueError, match="none were kept for task t0"):
+    with pytest.raises(ValueError, match="nothing was kept for task t0"):
         filter_call(result_filter, state(0), {}, 0, task="t0")
-    filter_call(result_filter, state(0), {}, 0, task=f"t{KEEP_RECEIVED}")
+    filter_call(result_filter, state(0), {}, 0, task=f"t{KEEP_TASKS}")
 
 
 def test_a_second_client_dp_filter_on_the_same_result_says_so():

@@ -27,7 +27,7 @@ from flare_lora.privacy.client_dp import clip_update, client_epsilon, privatize,
 from flare_lora.components.site_local import SiteLocal
 from flare_lora.privacy.dp_sgd import DPSGD, DPUnsupported, PrivacyBudgetExceeded
 from flare_lora.privacy.ledger import PrivacyLedger, epsilon, site_ledger, site_root
-from flare_lora.privacy.update_reference import META_KEY, load_reference, save_reference
+from flare_lora.privacy.dp_reference import derive_reference
 from ledger_charges import charge_many
 
 RECORDS = [
@@ -220,6 +220,21 @@ def test_a_ledger_that_vanished_or_shrank_is_no_fresh_budget(tmp_path):
     assert site_ledger(root, "dp_sgd.jsonl").entries == []
 
 
+def test_an_earlier_versions_ledger_is_carried_over_not_forgotten(tmp_path):
+    folder = tmp_path / "site-1" / "flare_lora_privacy"
+    folder.mkdir(parents=True)
+    old = {"entries": [{"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 10, "round": 0}] * 2}
+    (folder / "dp_sgd.json").write_text(json.dumps(old))
+    ledger = site_ledger(str(tmp_path / "site-1"), "dp_sgd.jsonl")
+    assert ledger.steps == 20 and all(e["imported_from"].endswith("dp_sgd.json") for e in ledger.entries)
+    ledger.charge(1.0, 0.05, 5)
+    assert site_ledger(str(tmp_path / "site-1"), "dp_sgd.jsonl").steps == 25  # imported once
+    assert json.loads((folder / "dp_sgd.json").read_text()) == old  # the old file stays as it was
+    (folder / "client_dp.json").write_text("{not json")
+    with pytest.raises(ValueError, match="an earlier version's.*refusing to start"):
+        site_ledger(str(tmp_path / "site-1"), "client_dp.jsonl")
+
+
 def test_site_workspace_holds_the_ledger(tmp_path):
     root = tmp_path / "site-1"
     (root / "startup").mkdir(parents=True)
@@ -302,8 +317,8 @@ def test_client_epsilon_is_the_gaussian_mechanism_with_sensitivity_2c():
     assert client_epsilon(3.0, 0, 1e-5) == 0.0
 
 
-def filter_call(flt, data, meta, rnd, kind=None, direction="out", task="task-0"):
-    """``flt.process`` on a DXO in a context set as FLARE's client runner sets it (site-2, job-1, ``task``)."""
+def filter_call(flt, data, meta, rnd, kind=None, direction="out", task="task-0", job="job-1"):
+    """``flt.process`` on a DXO in a context set as FLARE's client runner sets it (site-2, ``job``, ``task``)."""
     from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
     from nvflare.apis.fl_constant import FLContextKey, ReservedKey
     from nvflare.apis.fl_context import FLContext
@@ -314,43 +329,44 @@ def filter_call(flt, data, meta, rnd, kind=None, direction="out", task="task-0")
     shareable.set_header(AppConstants.CURRENT_ROUND, rnd)
     ctx = FLContext()
     ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=False)
-    ctx.set_prop(FLContextKey.CURRENT_RUN, "job-1", private=False, sticky=True)
+    ctx.set_prop(FLContextKey.CURRENT_RUN, job, private=False, sticky=True)
     ctx.set_prop(FLContextKey.TASK_ID, task, private=True, sticky=False)
     ctx.set_prop(FLContextKey.FILTER_DIRECTION, direction, private=True, sticky=False)
     return from_shareable(flt.process(shareable, ctx))
 
 
-def test_flare_filter_privatizes_the_change_accounts_rounds_and_fails_closed(tmp_path):
+def test_flare_filter_privatizes_the_change_accounts_rounds_and_fails_closed():
     from nvflare.apis.dxo import MetaKey
+    from nvflare.apis.fl_constant import FilterKey
 
     from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
 
     reference, change = state(0), state(1, scale=0.01)
     result = {k: reference[k] + change[k] for k in reference}
-    meta = save_reference(reference, str(tmp_path), "site-2_round0")
-    out = filter_call(ClientDPFilter(clip=0.05, sigma=1.0, seed=3), {k: v.clone() for k, v in result.items()}, meta, 0)
+
+    def release(flt, rnd, task):
+        filter_call(flt, {k: v.clone() for k, v in reference.items()}, {}, rnd, direction=FilterKey.IN, task=task)
+        return filter_call(flt, {k: v.clone() for k, v in result.items()}, {}, rnd, task=task)
+
+    out = release(ClientDPFilter(clip=0.05, sigma=1.0, seed=3), 0, "a0")
     noise = torch.cat([(out.data[k] - reference[k] - clip_update(change, 0.05)[k]).flatten() for k in result])
     assert float(noise.std()) == pytest.approx(0.05, rel=0.05)
-    assert META_KEY not in out.meta and out.meta["client_dp"]["releases"] == 1
+    assert out.meta["client_dp"]["releases"] == 1
     assert out.meta[MetaKey.INITIAL_METRICS]["client_dp_epsilon"] == pytest.approx(client_epsilon(1.0, 1, 1e-5))
     # same seed reproduces, another seed differs
     flt = ClientDPFilter(clip=0.05, sigma=1.0, seed=3)
-    same = filter_call(flt, {k: v.clone() for k, v in result.items()}, meta, 0)
+    same = release(flt, 0, "b0")
     assert all(torch.equal(same.data[k], out.data[k]) for k in result)
-    other = filter_call(ClientDPFilter(clip=0.05, sigma=1.0, seed=4), {k: v.clone() for k, v in result.items()}, meta, 0)
+    other = release(ClientDPFilter(clip=0.05, sigma=1.0, seed=4), 0, "c0")
     assert not torch.equal(other.data["m.lora_A.weight"], out.data["m.lora_A.weight"])
     # accounting across rounds: the second release of the same filter composes
-    second = filter_call(flt, {k: v.clone() for k, v in result.items()}, meta, 1)
+    second = release(flt, 1, "b1")
     assert second.meta[MetaKey.INITIAL_METRICS]["client_dp_epsilon"] == pytest.approx(client_epsilon(1.0, 2, 1e-5))
-    # fail closed: a changed reference, a spent budget (other result kinds: tests/test_client_dp_filter.py)
-    save_reference(state(5), str(tmp_path), "site-2_round0")  # overwritten after the digest was taken
-    with pytest.raises(ValueError, match="digest mismatch"):
-        load_reference(meta)
+    # fail closed: a spent budget (other cases: tests/test_client_dp_filter.py)
     budget = ClientDPFilter(clip=0.05, sigma=1.0, epsilon_max=client_epsilon(1.0, 1, 1e-5) * 1.1)
-    meta = save_reference(reference, str(tmp_path), "site-2_round1")
-    filter_call(budget, dict(result), meta, 0)
+    release(budget, 0, "d0")
     with pytest.raises(RuntimeError, match="refusing to send the update"):
-        filter_call(budget, dict(result), meta, 1)
+        release(budget, 1, "d1")
 
 
 @pytest.mark.parametrize("kwargs, key", [
@@ -371,35 +387,41 @@ def test_a_job_cannot_fix_the_client_dp_noise_seed(tiny_model_dir):
         LoraRecipe(sites=["site-1"], model=str(tiny_model_dir), client_dp={"clip": 0.1, "sigma": 1.0, "seed": 7})
 
 
-# --- the reference is where local training started, for every method ------------------------------
+# --- the filter's own reference is where local training started, for every method -----------------
 
 
-@pytest.mark.parametrize("method_name, rank", [("flora", 4), ("fedit", 4), ("zero_pad", 2)])
-def test_update_reference_is_the_installed_start_for_each_method(tiny_model_dir, method_name, rank):
+@pytest.mark.parametrize("method_name, rank", [("flora", 4), ("fedit", 4), ("zero_pad", 2), ("fedcdd", 2)])
+def test_derived_reference_is_the_installed_start_for_each_method(tiny_model_dir, method_name, rank):
+    """What the DP filter derives from the task (received global, handed-out seed) is exactly what the
+    site installed, so clipping the change loses nothing of training and none of it is spent on A₀."""
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
-    cfg = SiteConfig(rank=rank, alpha=2.0 * rank, local_steps=3, batch_size=4, max_length=32, lr=1e-2)
+    cfg = SiteConfig(rank=rank, alpha=3.0 * rank, local_steps=3, batch_size=4, max_length=32, lr=1e-2)
     peft = add_lora(model, cfg, "site-1")
-    method = get_method(method_name)
-    if method_name == "flora":
-        method.install(peft, {}, 0, seed=11)  # FLoRA: a fresh seeded adapter every round
-    else:  # averaging methods: a non-zero global adapter of rank 4 (zero-pad: this rank-2 site takes a slice)
-        donor = add_lora(load_model_and_tokenizer(tiny_model_dir)[0], SiteConfig(rank=4, alpha=8.0), "g")
-        reset_lora(donor, 5)
-        global_state = {k: v + 0.05 if "lora_B" in k else v for k, v in lora_state(donor).items()}
-        method.install(peft, global_state, 1, seed=0)
-    reference = lora_state(peft)
-    if method_name == "flora":
-        assert all(float(v.abs().sum()) == 0 for k, v in reference.items() if "lora_B" in k)
+    method, seed = get_method(method_name), 1234567
+    donor = add_lora(load_model_and_tokenizer(tiny_model_dir)[0], SiteConfig(rank=4, alpha=8.0), "g")
+    reset_lora(donor, 5)
+    global_state = {k: v + 0.05 if "lora_B" in k else v for k, v in lora_state(donor).items()}
+    received = {f"r0/{k}": v for k, v in global_state.items()} if method_name == "flora" else global_state
+    method.install(peft, received, 0 if method_name == "flora" else 1, seed=seed)
+    start = lora_state(peft)
+    derived = derive_reference({k: tuple(v.shape) for k, v in start.items()},
+                               {} if method_name == "flora" else global_state, method_name, seed, cfg.alpha / rank)
+    assert sorted(derived) == sorted(start)
+    for key in start:
+        torch.testing.assert_close(derived[key], start[key], rtol=1e-6, atol=1e-7)
     train_lora(peft, tokenizer, RECORDS, cfg)
     result = lora_state(peft)
-    change = {k: result[k] - reference[k] for k in result}
-    # the change is what training did; it is small next to the factors (A₀ / the global)
+    change = {k: result[k] - derived[k] for k in result}
     assert 0 < update_norm(change) < 0.5 * update_norm(result)
-    # clipping the change at its own norm loses nothing; clipping the raw factors would destroy them
-    kept = privatize(result, reference, update_norm(change) * 1.001, 0.0)
+    kept = privatize(result, derived, update_norm(change) * 1.001, 0.0)
     assert all(torch.allclose(kept[k], result[k], atol=1e-6) for k in result)
-    raw = clip_update(result, update_norm(change))
+    raw = clip_update(result, update_norm(change))  # clipping the raw factors instead destroys them
     assert update_norm({k: raw[k] - result[k] for k in result}) > update_norm(change)
+    # round 0 of an averaging method: an empty task, the shared fresh adapter of the handed-out seed
+    if method_name != "flora":
+        method.install(peft, {}, 0, seed=seed)
+        fresh = derive_reference({k: tuple(v.shape) for k, v in start.items()}, {}, method_name, seed, None)
+        assert all(torch.equal(fresh[k], lora_state(peft)[k]) for k in fresh)
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -414,11 +436,20 @@ def test_selective_site_reference_and_dp(tiny_model_dir, mode):
         for p in model.parameters():
             p.requires_grad_(False)
     handler = SelectiveSite(model, tokenizer, RECORDS, RECORDS[:4], cfg, site="site-1", mode=mode)
+    handler.install(layer_state(model, [1], mode), {"layer_versions": {"1": 1}})  # the server sent layer 1
     global_layer = layer_state(model, [1], mode)
-    update, _ = handler.train([1])
-    assert sorted(handler.reference) == sorted(update)
-    assert all(torch.equal(handler.reference[k], global_layer[k]) for k in update)  # the global values
-    assert 0 < update_norm({k: update[k] - handler.reference[k] for k in update})
+    update, _ = handler.train([1], init_seed=99)
+    derived = derive_reference({k: tuple(v.shape) for k, v in update.items()}, global_layer, "selective", 99)
+    assert all(torch.equal(derived[k], global_layer[k]) for k in update)  # the global values it was sent
+    assert 0 < update_norm({k: update[k] - derived[k] for k in update})
+    if mode == "lora":  # layer 0 never reached by a global: it starts from the handed-out seed's fresh adapter
+        update, _ = handler.train([0], init_seed=99)
+        fresh = derive_reference({k: tuple(v.shape) for k, v in update.items()}, {}, "selective", 99)
+        assert all(torch.equal(fresh[k], layer_state(model, [0], mode)[k]) for k in update)
+        assert 0 < update_norm({k: update[k] - fresh[k] for k in update}) < 0.5 * update_norm(update)
+    else:  # full weights never sent: no data-independent start is known, the filter refuses
+        with pytest.raises(ValueError, match="never sent by the server"):
+            derive_reference({k: tuple(v.shape) for k, v in update.items()}, {}, "selective", 99)
 
     dp_cfg = SiteConfig(**{**cfg.to_dict(), "dp_noise_multiplier": 1.0, "dp_clipping": "hooks"})
     private = SelectiveSite(model, tokenizer, RECORDS, RECORDS[:4], dp_cfg, site="site-1", mode=mode,
@@ -434,6 +465,7 @@ def test_selective_site_reference_and_dp(tiny_model_dir, mode):
 
 
 def test_recipes_plan_steps_add_the_filter_and_refuse_score_selection_with_dp(tmp_path, tiny_model_dir):
+    from flare_lora.components.flare.one_shot_recipe import OneShotRecipe
     from flare_lora.components.flare.recipe import LoraRecipe
     from flare_lora.components.flare.selective_recipe import SelectiveRecipe
 
@@ -456,6 +488,13 @@ def test_recipes_plan_steps_add_the_filter_and_refuse_score_selection_with_dp(tm
     with pytest.raises(ConfigError, match="site 'site-1'.*selection 'selective' needs them"):
         SelectiveRecipe(sites=sites, model=tiny_model_dir, selection="selective")
     SelectiveRecipe(sites=sites, model=tiny_model_dir, selection="top", client_dp={"clip": 0.1, "sigma": 1.0})
+    plain = {f"site-{k}": {"rank": 2} for k in (1, 2)}  # client DP alone: its filter derives the reference
+    with pytest.raises(ConfigError, match="client_dp: mode 'full' trains layers the server has not sent"):
+        SelectiveRecipe(sites=plain, model=tiny_model_dir, selection="top", mode="full", client_dp={"clip": 0.1, "sigma": 1.0})
+    with pytest.raises(ConfigError, match="client_dp: selection 'selective' reads layer scores"):
+        SelectiveRecipe(sites=plain, model=tiny_model_dir, client_dp={"clip": 0.1, "sigma": 1.0})
+    with pytest.raises(ConfigError, match="client_dp: method 'full' trains from the sites' base weights"):
+        OneShotRecipe(sites=plain, model=tiny_model_dir, method="full", client_dp={"clip": 0.1, "sigma": 1.0})
 
 
 def test_job_flags_map_to_site_keys_and_filter_options():

@@ -60,9 +60,8 @@ def test_poc_site_scope_enforces_client_dp(tmp_path, tiny_model_dir):
     from poc_harness import poc_log_paths, run_job_in_poc
 
     def scope(**args):
-        return {"scopes": [{"name": "dp", "task_result_filters": [
-            {"path": "flare_lora.privacy.flare.client_dp_filter.ClientDPFilter", "args": {"clip": 0.05, "sigma": 1.0, **args}}]}],
-            "default_scope": "dp"}
+        dp = {"path": "flare_lora.privacy.flare.client_dp_filter.ClientDPFilter", "args": {"clip": 0.05, "sigma": 1.0, **args}}
+        return {"scopes": [{"name": "dp", "task_data_filters": [dp], "task_result_filters": [dp]}], "default_scope": "dp"}
 
     one_release = client_epsilon(1.0, 1, 1e-5)
     local_files = {"site-2": {"privacy.json": scope()}, "site-1": {"privacy.json": scope(epsilon_max=one_release / 2)}}

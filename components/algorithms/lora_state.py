@@ -29,6 +29,11 @@ def _prefix(key: str) -> str | None:
     return None
 
 
+def targeted(name: str, targets: Sequence[str]) -> bool:
+    """PEFT's rule for target_modules: ``name`` is one of them, or ends with "." + one of them."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def module_prefixes(state: Mapping[str, Tensor]) -> list[str]:
     """Sorted module prefixes that have both a lora_A and a lora_B."""
     return sorted(

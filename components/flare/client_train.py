@@ -45,7 +45,7 @@ from flare_lora.components.training.models import load_model_and_tokenizer, reso
 from flare_lora.components.training.trainer import evaluate, layer_criterion, layer_scores, set_threads, train_lora
 from flare_lora.privacy.dp_sgd import DPSGD, DPUnsupported
 from flare_lora.privacy.released_stats import released_train_stats
-from flare_lora.privacy.update_reference import keep_reference
+from flare_lora.privacy.dp_reference import INIT_SEED_KEY
 
 log = logging.getLogger("flare_lora.client")
 
@@ -87,6 +87,8 @@ def main(argv=None) -> None:
         rnd = task.current_round
         seed = cfg.seed * 1000003 + rnd * 1009 + args.site_index  # this site's data order this round
         init_seed = seed if method.site_specific_init else seed - args.site_index  # averaging: shared init
+        if task.init_seed is not None:  # client-level DP derives the start itself from the seed it handed out
+            init_seed = task.init_seed
         merged = method.install(model, task.params, merged, seed=init_seed)
         digest = weights_digest(base_weights(model))
         group.check_same(digest, f"site {site!r} round {rnd}: base weights")
@@ -97,7 +99,6 @@ def main(argv=None) -> None:
             if group.is_main:
                 flare.send(FLModel(metrics=dp_metrics(metrics, dp), meta=meta))
             continue
-        reference = lora_state(model) if method.lora else trainable_state(model)  # where training starts
         stats = train_lora(trained, tokenizer, group.shard(train_set), replace(cfg, seed=seed),
                            desc=f"{site} round {rnd}", dp=dp)
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
             continue
         stats["processes"] = group.world
         stats = released_train_stats(stats) if dp is not None else stats
-        meta.update(num_examples=len(train_set), train=stats, **keep_reference(reference, site, flare.get_job_id()))
+        meta.update(num_examples=len(train_set), train=stats)
         metrics = dp_metrics(metrics, dp)
         if method.lora:
             meta.update(rank=cfg.rank, alpha=cfg.alpha)
@@ -155,7 +156,6 @@ class SelectiveSite:
         self.score_batches = score_batches
         self.versions: dict[int, int] = {}
         self.dp = dp  # sample-level DP-SGD for train tasks; layer scores then carry no data
-        self.reference: dict = {}  # the global values of the layers last trained: where training started
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, site: str, cfg: SiteConfig, local: SiteLocal) -> SelectiveSite:
@@ -201,7 +201,7 @@ class SelectiveSite:
         metrics = evaluate(self.model, self.tokenizer, self.eval_set, self.cfg)
         if task != "train":
             return {}, dp_metrics(metrics, self.dp), self._meta(digest=self.digest())
-        update, stats = self.train(meta.get("layers") or [], rnd)
+        update, stats = self.train(meta.get("layers") or [], rnd, meta.get(INIT_SEED_KEY))
         layers = sorted({int(l) for l in meta.get("layers") or []})
         return update, dp_metrics(metrics, self.dp), self._meta(num_examples=len(self.train_set), layers=layers, train=stats)
 
@@ -220,12 +220,20 @@ class SelectiveSite:
             score_tokens=stats["tokens"], score_seconds=stats["seconds"],
         )
 
-    def train(self, layers, rnd: int = 0) -> tuple[dict, dict | None]:
-        """Train only ``layers``; return their trained tensors, then restore their global values."""
+    def train(self, layers, rnd: int = 0, init_seed: int | None = None) -> tuple[dict, dict | None]:
+        """Train only ``layers``; return their trained tensors, then restore their global values.
+
+        ``init_seed`` (client-level DP): LoRA layers no global has reached yet start from the fresh
+        adapter of that seed, the start the DP filter derives itself (privacy/dp_reference.py). Their
+        B is zero before and after, so the model's outputs do not change."""
         layers = sorted({int(l) for l in layers})
         if not layers:
             return {}, None
-        snapshot = self.reference = layer_state(self.model, layers, self.mode)
+        if init_seed is not None and self.mode == "lora":
+            fresh = [l for l in layers if self.versions.get(l, 0) == 0]
+            by_layer = layer_parameters(self.model, "lora")
+            reset_lora(self.model, int(init_seed), {k.rsplit(".lora_", 1)[0] for l in fresh for k in by_layer[l]})
+        snapshot = layer_state(self.model, layers, self.mode)
         set_trainable_layers(self.model, layers, self.mode)
         seed = self.cfg.seed * 1000003 + rnd * 1009 + self.site_index
         try:
@@ -247,8 +255,6 @@ def serve(handler: SelectiveSite) -> None:
             break
         rnd = task.current_round or 0
         params, metrics, meta = handler.handle(flare.get_task_name(), task.params or {}, task.meta or {}, rnd)
-        if params:
-            meta.update(keep_reference(handler.reference, handler.site, flare.get_job_id()))
         flare.send(FLModel(params=params or None, params_type=ParamsType.FULL if params else None,
                            metrics=metrics, meta=meta))
 

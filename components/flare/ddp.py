@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flare_lora.privacy.dp_reference import INIT_SEED_KEY
+
 CONTROL_TIMEOUT = timedelta(days=7)  # a rank > 0 may wait this long for the site's next task
 
 
@@ -33,6 +35,7 @@ class Task:
     params: dict
     current_round: int
     train: bool
+    init_seed: int | None = None  # the round's fresh-adapter seed a client-DP filter handed out
 
 
 class SiteGroup:
@@ -79,7 +82,9 @@ class SiteGroup:
             if self.is_main and flare.is_running():
                 received = flare.receive()
                 if received is not None:
-                    task = Task(dict(received.params or {}), received.current_round or 0, flare.is_train())
+                    seed = (received.meta or {}).get(INIT_SEED_KEY)
+                    task = Task(dict(received.params or {}), received.current_round or 0, flare.is_train(),
+                                seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
             task = self.share(task)
             if task is None:
                 return

@@ -51,6 +51,12 @@ class OneShotRecipe(SiteRecipe):
     def pins_modules(self) -> bool:
         return self.method != "full"  # "full" results are full weights, not LoRA factors
 
+    def client_dp_refusal(self) -> str | None:
+        if self.method == "full":
+            return ("method 'full' trains from the sites' base weights, which the server never sends, so the "
+                    "filter has no data-independent reference; use method flora or fedit")
+        return None
+
     def check(self, configs: Mapping[str, SiteConfig], *, num_rounds: int, he: bool) -> None:
         if self.method == "fedit":  # a running average of A's and B's: one rank, alpha and module set
             check_same(configs, ("rank", "alpha", "target_modules"), "fedit", "use method flora for heterogeneous ranks")
@@ -60,7 +66,7 @@ class OneShotRecipe(SiteRecipe):
                                  late_grace=self.late_grace, timeout=self.timeout,
                                  evaluate_global=self.evaluate_global,
                                  site_configs=declared(configs), module_shapes=self.module_shapes,
-                                 max_update_norm=self.max_update_norm,
+                                 max_update_norm=self.max_update_norm if self.pins_modules else None,
                                  **{k: v for k, v in workflow_args.items() if k not in ("clients_per_round", "checkpoint_dir", "task_timeout")})
 
     def site_args(self, site: str, index: int, seed: int) -> list[str]:

@@ -76,8 +76,9 @@ class SiteRecipe(Recipe):
         last one died (restarting_executor.py); 0: never.
     seed, task_timeout, wait_for_clients_timeout, checkpoint_dir, max_result_bytes, max_examples:
         those of the server workflow (workflow.py).
-    max_update_norm: the largest ||s*B@A||_F the server accepts for one module of a site's LoRA
-        update (default 100; 0: no bound). LoRA jobs only.
+    max_update_norm: the largest ||s*B@A||_F, ||A||_F and ||s*B||_F the server accepts for one
+        module of a site's LoRA update, and of the round's aggregate (default 100; 0: no bound).
+        LoRA jobs only.
     model_config: where the server's module shapes come from when ``model`` is a logical name or
         not on this machine: the base model's dir, .gguf or config.json (module_shapes.py). LoRA
         jobs pin every site's update to the modules the job's target_modules name on it.
@@ -149,6 +150,8 @@ class SiteRecipe(Recipe):
         if client_dp is not None and "seed" in client_dp:  # a known noise seed lets the server subtract the noise
             raise ConfigError("client_dp: seed: the noise is drawn from the site's OS entropy; a job cannot fix it")
         dp_filter = ClientDPFilter(**dict(client_dp)) if client_dp is not None else None  # validates
+        if dp_filter is not None and self.client_dp_refusal():
+            raise ConfigError(f"client_dp: {self.client_dp_refusal()}")
         configs = plan_dp_steps(configs, num_rounds)
         self.sites = {s: c.to_dict() for s, c in configs.items()}
         self.num_rounds = num_rounds
@@ -181,6 +184,13 @@ class SiteRecipe(Recipe):
             self.add_client_output_filter(dp_filter, tasks=["train"])
         if he:  # added last, so that encryption sees what DP and the mask produced
             add_he_filters(self, he_context_dir, self.he_tasks)
+        if dp_filter is not None:  # after decryption: it keeps what the server sent, the start of training
+            self.add_client_input_filter(ClientDPFilter(**dict(client_dp)), tasks=list(self.he_tasks))
+
+    def client_dp_refusal(self) -> str | None:
+        """Why the job's client-level DP could not be honoured (None: it can): the filter must derive
+        where training started from what the server sends (privacy/dp_reference.py)."""
+        return None
 
     def run(self, env, server_exec_params: dict | None = None, client_exec_params: dict | None = None):
         """Run in ``env``; in the simulator or a POC on this machine, every site's model and data are

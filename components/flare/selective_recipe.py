@@ -89,6 +89,14 @@ class SelectiveRecipe(SiteRecipe):
         self.num_layers = model_num_layers(common.get("model"))
         super().__init__(sites=sites, name=name, **common)
 
+    def client_dp_refusal(self) -> str | None:
+        if self.mode == "full":
+            return ("mode 'full' trains layers the server has not sent yet from the sites' base weights, so the "
+                    "filter has no data-independent reference; use mode 'lora'")
+        if self.selection not in SCORE_FREE:  # the filter withholds layer scores
+            return f"selection {self.selection!r} reads layer scores, which a DP site withholds; use one of {list(SCORE_FREE)}"
+        return None
+
     def site_settings(self, site: str, settings: dict) -> dict:
         self.budgets[site] = settings.pop("budget", None)
         return settings

@@ -6,7 +6,6 @@ State dicts use PEFT's key layout (see docs/design.md), which is what every aggr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -15,7 +14,8 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from flare_lora.components.algorithms.lora_state import InvalidUpdate, check_tensor, lora_module_shapes, validate_lora_update
+from flare_lora.components.algorithms.lora_init import fresh_lora_a
+from flare_lora.components.algorithms.lora_state import InvalidUpdate, targeted, check_tensor, lora_module_shapes, validate_lora_update
 from flare_lora.components.algorithms.merge import BASE_PREFIX
 from flare_lora.components.training.config import ConfigError, SiteConfig
 
@@ -27,7 +27,7 @@ def add_lora(model: nn.Module, cfg: SiteConfig, site: str = "") -> PeftModel:
     """
     paths = [name for name, _ in model.named_modules()]
     for target in cfg.target_modules:
-        if not any(path == target or path.endswith("." + target) for path in paths):
+        if not any(targeted(path, [target]) for path in paths):
             linear = (name for name, module in model.named_modules() if isinstance(module, nn.Linear))
             available = sorted({name.rsplit(".", 1)[-1] for name in linear})
             raise ConfigError(
@@ -47,20 +47,19 @@ def add_lora(model: nn.Module, cfg: SiteConfig, site: str = "") -> PeftModel:
     return peft_model
 
 
-def reset_lora(peft_model: PeftModel, seed: int) -> None:
-    """Fresh adapter as PEFT initialises it (A kaiming-uniform, B zero), reproducibly from seed.
+def reset_lora(peft_model: PeftModel, seed: int, prefixes=None) -> None:
+    """Fresh adapter as PEFT initialises it (A kaiming-uniform, B zero), each module's A from the seed
+    and its name (components/algorithms/lora_init.py); only the modules in ``prefixes`` when given.
 
-    FLoRA trains a new LoRA every round on the merged base; a private generator keeps the
-    global RNG untouched.
+    FLoRA trains a new LoRA every round on the merged base; private generators keep the global RNG
+    untouched.
     """
-    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in peft_model.modules():
-            if isinstance(module, LoraLayer):
+        for prefix, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer) and (prefixes is None or prefix in prefixes):
                 for name in module.lora_A:
-                    weight = module.lora_A[name].weight  # drawn on CPU: the generator is a CPU one
-                    init = torch.empty(weight.shape, dtype=weight.dtype)
-                    weight.copy_(nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator))
+                    weight = module.lora_A[name].weight
+                    weight.copy_(fresh_lora_a(seed, prefix, tuple(weight.shape)))
                     nn.init.zeros_(module.lora_B[name].weight)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from flare_lora.components.algorithms.lora_state import targeted
 from flare_lora.components.algorithms.merge import BASE_PREFIX
 from flare_lora.components.training.models import resolve_model_dir
 
@@ -30,8 +31,8 @@ def _shapes(model: str | None, targets: tuple[str, ...]) -> tuple[tuple[str, tup
         base = AutoModelForCausalLM.from_config(config)
     shapes = {BASE_PREFIX + name: (module.out_features, module.in_features)
               for name, module in base.named_modules()
-              if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)}
-    missing = sorted(t for t in targets if not any(p == BASE_PREFIX + t or p.endswith("." + t) for p in shapes))
+              if isinstance(module, nn.Linear) and targeted(name, targets)}
+    missing = sorted(t for t in targets if not any(targeted(p, [t]) or p == BASE_PREFIX + t for p in shapes))
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules: {missing[0]!r} names no linear module of the base model; "
