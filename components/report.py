@@ -75,7 +75,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _num(value, digits: int) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):  # absent, or not a number
+        return "-"
+    return f"{value:.{digits}f}"
 
 
 def _mb(value) -> str:

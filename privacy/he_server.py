@@ -112,25 +112,24 @@ class EncryptedRounds(_Encrypted):
         self.kind, self.pad = HE_METHODS[strategy.name]
         self.scaling = 1.0  # what the final adapter is applied with (FedIT: the sites' common alpha/rank)
         self.pad_rank: int | None = None  # the task's zero-padding rank
-        self.layout: tuple[str, dict] | None = None  # sums: (site, layout) every update of the task must match
 
     def describe(self) -> dict:
         return {**super().describe(), "kind": self.kind}
 
     def plan(self, ranks: Sequence[int], final: Mapping | None = None) -> dict:
-        self.layout = None  # a new task: its updates set the task's layout
         self.pad_rank = max(ranks) if self.pad and ranks else None
         return self._plan("lora", {**final, "scaling": self.scaling} if final else None, self.pad_rank,
                           scale_b=self.strategy.name == "zero_pad")
 
-    def vet(self, params, rank: int, site: str) -> tuple[dict[str, Tensor], EncryptedUpdate]:
+    def vet(self, params, rank: int, site: str, accepted: Sequence[SiteUpdate] = ()) -> tuple[dict[str, Tensor], EncryptedUpdate]:
         """(zero stubs of the update's declared shapes at ``rank``, for the plaintext checks; the update).
 
-        Sums add slot by slot: every update of a task must have the layout of the first one.
+        Sums add slot by slot: every update of a task must have the layout of the first one accepted
+        (only an accepted update sets it: a rejected one must not shut the honest sites out).
         """
         stubs, update = self._load(params)
-        if self.kind == "sum" and self.layout is not None:
-            first, groups = self.layout
+        if self.kind == "sum" and accepted:
+            first, groups = accepted[0].site, {g: layout for g, (layout, _) in accepted[0].state.groups.items()}
             if set(update.groups) != set(groups) or not all(same_slots(update.groups[g][0], groups[g]) for g in groups):
                 raise InvalidUpdate(f"tensors (keys/shapes) differ from {first}'s this round: ciphertexts add slot by "
                                     f"slot, so every site needs the same modules (and padded ranks)")
@@ -145,8 +144,6 @@ class EncryptedRounds(_Encrypted):
             if ranks != {self.pad_rank}:
                 raise InvalidUpdate(f"factors zero-padded to rank(s) {sorted(ranks)}, the round pads to {self.pad_rank}")
             stubs = trim_lora(stubs, rank)
-        if self.kind == "sum" and self.layout is None:
-            self.layout = (site or "the first update", {g: layout for g, (layout, _) in update.groups.items()})
         return stubs, update
 
     def aggregate(self, updates: Sequence[SiteUpdate]) -> EncryptedGlobal:

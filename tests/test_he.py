@@ -225,10 +225,13 @@ def test_bad_updates_are_rejected_with_the_reason(keys, tmp_path):
     _, update = he.vet({HE_KEY: forged}, 4, "s")
     with pytest.raises(InvalidUpdate, match="another key or altered"):
         EncryptedUpdate.from_wire(update.to_wire(server), site).decrypt(site)
-    he.plan([4, 4])  # a new round: its first update sets the layout the others must share
-    he.vet({HE_KEY: wire}, 4, "site-1")
+    he.plan([4, 4])  # a new round: its first accepted update sets the layout the others must share
+    subset = encrypt_state(lora(4, 1, modules=("q_proj",)), site)
+    he.vet({HE_KEY: subset}, 4, "site-0")  # vetted but not accepted (say check_update rejects it): no layout set
+    stubs, first = he.vet({HE_KEY: wire}, 4, "site-1")
+    accepted = [SiteUpdate(site="site-1", state=first, num_examples=1, rank=4, alpha=8.0)]
     with pytest.raises(InvalidUpdate, match="differ from site-1's this round"):
-        he.vet({HE_KEY: encrypt_state(lora(4, 1, modules=("q_proj",)), site)}, 4, "site-2")
+        he.vet({HE_KEY: subset}, 4, "site-2", accepted)
     padded = EncryptedRounds(get_method("zero_pad"), server)
     padded.plan([4, 8])
     with pytest.raises(InvalidUpdate, match="zero-padded to rank"):

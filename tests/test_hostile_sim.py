@@ -21,6 +21,8 @@ EXPECTED = [  # hostile_site.ATTACKS, in order: what the rejection must name
     "str key",
     "merged_rounds: expected an int",
     "num_examples must be a positive int",
+    "of the site's target_modules are missing",
+    "||A||_F",
 ]
 
 

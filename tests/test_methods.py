@@ -222,3 +222,28 @@ def test_report_rows_and_totals():
     assert [(r["round"], r["eval_loss"], r["train_loss"], r["upload_bytes"]) for r in rows] == [(0, 2.0, None, None), (1, 1.0, 1.5, 10)]
     assert comm_totals(log) == {"upload_bytes": 12, "download_bytes": 13}
     assert "0.500" in format_table(rows)
+
+
+def test_a_vetted_update_that_spoils_the_aggregate_is_left_out_and_the_rest_aggregated():
+    """The server's last guard (LoraController.aggregate): an aggregate beyond the norm bound (or not
+    finite) is never stored; the site without which it is fine is rejected and the round goes on."""
+    from flare_lora.components.flare.controller import LoraController
+    from flare_lora.components.flare.workflow import JobFailed
+    from flare_lora.components.strategies.aggregators import PlainRounds
+
+    def update(site, a, b):
+        return SiteUpdate(site=site, state={"m.lora_A.weight": torch.full((1, 4), a), "m.lora_B.weight": torch.full((4, 1), b)},
+                          num_examples=1, rank=1, alpha=1.0)
+
+    controller = LoraController(method="fedit", max_update_norm=10.0)
+    controller.strategy = get_method("fedit")
+    controller.aggregator = PlainRounds(controller.strategy)
+    record = {"sites": {s: {} for s in ("a", "b", "bad")}}
+    honest = [update("a", 0.5, 0.5), update("b", 0.4, 0.6)]
+    state, kept = controller.aggregate(0, [*honest, update("bad", 3e30, 1.0)], record)
+    assert [u.site for u in kept] == ["a", "b"] and "exceeds a bound" in record["sites"]["bad"]["rejected"]
+    torch.testing.assert_close(state["m.lora_A.weight"], torch.full((1, 4), 0.45))
+    assert "rejected" not in record["sites"]["a"]
+    with pytest.raises(JobFailed, match="min_clients=2"):  # too few left: the job fails with the reason
+        controller.min_clients = 2
+        controller.aggregate(1, [honest[0], update("bad", 3e30, 1.0)], {"sites": {"a": {}, "bad": {}}})

@@ -146,6 +146,16 @@ def test_recipe_config_errors_before_the_job_starts(kwargs, match, tiny_model_di
         OneShotRecipe(model=str(tiny_model_dir), **kwargs)
 
 
+def test_controller_refuses_lora_bounds_for_full_weights():
+    """Used directly (not through a recipe): an option that would not be honoured is an error."""
+    from flare_lora.components.flare.one_shot_controller import OneShotController
+
+    with pytest.raises(ValueError, match="max_update_norm: applies to LoRA factors"):
+        OneShotController(method="full", sites=["site-1"], max_update_norm=5.0)
+    assert OneShotController(method="full", sites=["site-1"]).max_update_norm is None
+    assert OneShotController(method="flora", sites=["site-1"]).limits.max_update_norm == 100.0
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 def cmdline(pid: int) -> str:

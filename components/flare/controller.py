@@ -13,7 +13,13 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes
 from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args
 from flare_lora.components.strategies import METHODS, SiteUpdate, check_update, get_method
-from flare_lora.components.strategies.base import DEFAULT_MAX_UPDATE_NORM, UpdateLimits, check_limits, pinned_shapes
+from flare_lora.components.strategies.base import (
+    DEFAULT_MAX_UPDATE_NORM,
+    UpdateLimits,
+    check_limits,
+    check_update_norms,
+    pinned_shapes,
+)
 from flare_lora.components.strategies.aggregators import PlainRounds
 from flare_lora.privacy.he_aggregate import check_he_method
 from flare_lora.privacy.he_server import EncryptedRounds
@@ -43,7 +49,8 @@ class LoraController(FederatedWorkflow):
         module_shapes: [[PEFT module prefix, out, in], ...]: every module the job's sites may adapt,
             from the base model (module_shapes.py); None: a site's modules must be its
             target_modules, with the shapes first accepted in the job.
-        max_update_norm: the largest ||s*B@A||_F of one module of a site's update (0: no bound).
+        max_update_norm: the largest ||s*B@A||_F, ||A||_F and ||s*B||_F of one module of a site's
+            update and of the round's aggregate (0: no bound).
         args, kwargs: those of FederatedWorkflow (min_clients, clients_per_round, seed, task_timeout,
             max_result_bytes, checkpoint_dir, he, ...); named so, FLARE's job export reads them too.
         """
@@ -90,7 +97,8 @@ class LoraController(FederatedWorkflow):
                 if update is not None:
                     updates.append(update)
             self.require(rnd, [u.site for u in updates], sites)
-            self.rounds.append(self.aggregate(rnd, updates))
+            state, updates = self.aggregate(rnd, updates, record)
+            self.rounds.append(state)
             record["aggregated"] = [u.site for u in updates]
             self.log["rounds"].append(record)
             self.info(f"round {rnd}: aggregated {len(updates)} site(s) with {self.method}")
@@ -98,7 +106,7 @@ class LoraController(FederatedWorkflow):
             self.write_results()
         results, record = self.run_task("validate", self.live_clients(self.num_rounds), self.num_rounds)
         self.log["final"] = record
-        digests = {s: r.meta.get("base_digest") for s, r in results.items() if r.meta.get("base_digest")}
+        digests = {s: e["base_digest"] for s, e in record["sites"].items() if isinstance(e.get("base_digest"), str)}
         if self.method == "flora" and len(set(digests.values())) > 1:
             self.error(f"sites hold different base weights after catch-up: {digests}")
         self.write_results(final=True)
@@ -149,7 +157,7 @@ class LoraController(FederatedWorkflow):
         if not isinstance(merged, int) or isinstance(merged, bool) or not 0 <= merged <= len(self.rounds):
             raise InvalidUpdate(f"merged_rounds: expected an int in [0, {len(self.rounds)}], got {merged!r}")
         rank = declared.get("rank", meta.get("rank"))
-        checked, state = self.aggregator.vet(result.params, rank, site)
+        checked, state = self.aggregator.vet(result.params, rank, site, accepted)
         update = SiteUpdate(site=site, state=checked, num_examples=meta.get("num_examples", 0), rank=rank,
                             alpha=declared.get("alpha", meta.get("alpha", 0.0)))
         check_update(update, self.limits, learned=self.learned, targets=declared.get("target_modules"))
@@ -158,14 +166,46 @@ class LoraController(FederatedWorkflow):
         update.state = state
         return update
 
-    def aggregate(self, rnd: int, updates: list[SiteUpdate]) -> dict:
-        """The round's global, refused (the job fails with the reason) if it is not finite: it would
-        otherwise be stored and sent to every site."""
-        state = self.aggregator.aggregate(updates)
-        bad = None if self.aggregator.encrypted else next((k for k, v in state.items() if not bool(v.isfinite().all())), None)
+    def aggregate(self, rnd: int, updates: list[SiteUpdate], record: dict) -> tuple[dict, list[SiteUpdate]]:
+        """The round's global and the updates in it. An aggregate that raises, is not finite or exceeds
+        max_update_norm is never stored or sent: a site without which it would be fine is rejected
+        (leave-one-out: one site's vetted factors can still combine badly with the others', e.g. a
+        huge A and a tiny B averaged separately) and the rest re-aggregated; the job fails only when
+        no single site explains it or fewer than min_clients remain."""
+        state, problem = self._try_aggregate(updates)
+        if problem is None:
+            return state, updates
+        culprits = [u for u in updates if self._try_aggregate([v for v in updates if v is not u])[1] is None]
+        if len(culprits) == len(updates) or not culprits:
+            raise JobFailed(f"round {rnd}: the aggregate of {[u.site for u in updates]} {problem}")
+        for update in culprits:
+            entry = record["sites"][update.site]
+            entry["rejected"] = f"the round's aggregate with this update {problem}; without it, within limits"
+            self.error(f"round {rnd}: rejected update from {update.site}: {entry['rejected']}")
+        updates = [u for u in updates if u not in culprits]
+        self.require(rnd, [u.site for u in updates], [u.site for u in updates + culprits])
+        state, problem = self._try_aggregate(updates)
+        if problem is not None:
+            raise JobFailed(f"round {rnd}: the aggregate of {[u.site for u in updates]} {problem}")
+        return state, updates
+
+    def _try_aggregate(self, updates: list[SiteUpdate]) -> tuple[dict | None, str | None]:
+        """(the aggregate, None) or (None, what is wrong with it)."""
+        try:
+            state = self.aggregator.aggregate(updates)
+        except Exception as e:  # noqa: BLE001 - vetted updates that still do not combine
+            return None, f"cannot be computed ({type(e).__name__}: {e})"
+        if self.aggregator.encrypted:
+            return state, None
+        bad = next((k for k, v in state.items() if not bool(v.isfinite().all())), None)
         if bad is not None:
-            raise JobFailed(f"round {rnd}: the aggregate of {[u.site for u in updates]} is not finite at {bad}")
-        return state
+            return None, f"is not finite at {bad}"
+        if self.limits.max_update_norm:
+            try:
+                check_update_norms(state, getattr(self.strategy, "scaling", 1.0), self.limits.max_update_norm)
+            except InvalidUpdate as e:
+                return None, f"exceeds a bound: {e}"
+        return state, None
 
     def write_results(self, final: bool = False) -> None:
         self.log.update(self.aggregator.save(self.out, self.rounds, final,

@@ -52,7 +52,7 @@ class OneShotController(FederatedWorkflow):
         evaluate_global: bool = False,
         site_configs: dict | None = None,
         module_shapes: list | None = None,
-        max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
+        max_update_norm: float | None = None,
         *args,
         **kwargs,
     ):
@@ -68,9 +68,9 @@ class OneShotController(FederatedWorkflow):
         evaluate_global: send the final global, for evaluation only, to the sites whose results it holds.
         site_configs: {site: {"rank": r, "alpha": a, "target_modules": [...]}}; LoRA results must
             match their site's rank and modules.
-        module_shapes, max_update_norm: as in LoraController, for the LoRA methods (with "full",
-            module_shapes must be None and max_update_norm is not used: results are full weights,
-            pinned to the first accepted one's tensors).
+        module_shapes, max_update_norm: as in LoraController (None: its default), for the LoRA
+            methods; with "full" both must be None (results are full weights, pinned to the first
+            accepted one's tensors).
         args, kwargs: those of FederatedWorkflow (named so, FLARE's job export reads them too);
             min_clients is the fewest folded-in results the job may finish with; clients_per_round
             and checkpoint_dir do not apply (one round).
@@ -81,12 +81,14 @@ class OneShotController(FederatedWorkflow):
         super().__init__(*args, **kwargs)
         check_one_shot_options(method, len(sites) if sites else max(self.min_clients, 1), self.min_clients,
                                deadline, late_grace, timeout)
-        check_limits(self.max_examples, max_update_norm)
-        if method == "full" and module_shapes is not None:
-            raise ValueError("module_shapes: pins LoRA modules; method 'full' sends full weights")
+        if method == "full" and (module_shapes is not None or max_update_norm is not None):
+            raise ValueError(f"{'module_shapes' if module_shapes is not None else 'max_update_norm'}: applies to "
+                             "LoRA factors; method 'full' sends full weights")
+        bound = DEFAULT_MAX_UPDATE_NORM if max_update_norm is None else max_update_norm
+        check_limits(self.max_examples, bound)
         keep_args(self, locals())
         self.site_configs = site_configs or {}
-        self.limits = UpdateLimits(pinned_shapes(module_shapes), self.max_examples, max_update_norm)
+        self.limits = UpdateLimits(pinned_shapes(module_shapes), self.max_examples, bound)
 
     def new_log(self) -> dict:
         return {"method": self.method, "protocol": "one_shot", "num_rounds": 1, "arrivals": []}

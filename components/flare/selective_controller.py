@@ -125,7 +125,7 @@ class SelectiveController(FederatedWorkflow):
                                   "selections": self.log["selections"]})
         results, record = self.run_task("validate", self.live_clients(self.num_rounds), self.num_rounds)
         self.log["final"] = record
-        digests = {s: (r.meta or {}).get("digest") for s, r in results.items() if (r.meta or {}).get("digest")}
+        digests = {s: d for s, r in results.items() if isinstance(d := (r.meta or {}).get("digest"), str)}
         if len(set(digests.values())) > 1:
             self.error(f"sites hold different models after the final sync: {digests}")
             self.log["digest_mismatch"] = digests
@@ -142,7 +142,7 @@ class SelectiveController(FederatedWorkflow):
                 if self.vet(rnd, site, entry, lambda: self.vet_scores(rnd, site, results[site], entry), "scores") is None:
                     self.site_scores.pop(site, None)
                     self.assigned.pop(site, None)
-            digests = {s: e["digest"] for s, e in score_record["sites"].items() if e.get("digest")}
+            digests = {s: e["digest"] for s, e in score_record["sites"].items() if isinstance(e.get("digest"), str)}
             if len(set(digests.values())) > 1:  # each site should have installed the whole global
                 self.error(f"round {rnd}: sites scored different models: {digests}")
         skipped = {s for s, e in (score_record or {"sites": {}})["sites"].items() if e.get("rejected") or e.get("missing")}

@@ -194,10 +194,10 @@ class FederatedWorkflow(ModelController):
         if self.max_result_bytes and entry["upload_bytes"] > self.max_result_bytes:
             result.params = None  # do not hold an oversized payload until it is vetted
             entry["oversized"] = True
-        entry["metrics"] = dict(result.metrics) if isinstance(result.metrics, Mapping) else {}
+        entry["metrics"] = plain_json(result.metrics) if isinstance(result.metrics, Mapping) else {}
         for key in meta_keys:
             if key in meta:
-                entry[key] = meta[key]
+                entry[key] = plain_json(meta[key])
         return site, entry
 
     def send(self, task: str, data: FLModel, targets: list[str], record: dict, callback) -> None:
@@ -232,7 +232,7 @@ class FederatedWorkflow(ModelController):
             return None, None
         meta = self.fl_ctx.get_prop(FLContextKey.JOB_META) or {}
         submitter = str(meta.get(JobMetaKey.SUBMITTER_NAME.value) or "local")
-        if not is_plain_relative(submitter):
+        if not is_plain_relative(submitter) or "/" in submitter or "\\" in submitter:  # one folder per submitter
             raise JobFailed(f"checkpoint_dir: the job's submitter name {submitter!r} cannot name a folder")
         directory = os.path.join(self.engine.get_workspace().get_root_dir(), CHECKPOINTS_DIRNAME, submitter,
                                  self.checkpoint_dir)
@@ -253,6 +253,21 @@ class FederatedWorkflow(ModelController):
             return
         version, internal, gauss = self.rng.getstate()
         checkpoint.save(self.identity(), rounds, self.log["rounds"], {"rng": [version, list(internal), gauss], **extra})
+
+
+def plain_json(value, depth: int = 3):
+    """A site's metrics or meta value as bounded plain JSON (str keys, numbers, short strings, at most
+    ``depth`` levels and 100 items per level): what the results log records; anything else is dropped
+    to its type name, so a site's data never breaks the log or what reads it."""
+    if value is None or isinstance(value, (bool, int, float)):  # NaN stays a float: a site's eval may have none
+        return value
+    if isinstance(value, str):
+        return value[:200]
+    if depth > 0 and isinstance(value, Mapping):
+        return {str(k)[:100]: plain_json(v, depth - 1) for k, v in list(value.items())[:100]}
+    if depth > 0 and isinstance(value, (list, tuple)):
+        return [plain_json(v, depth - 1) for v in value[:100]]
+    return f"<{type(value).__name__}>"
 
 
 def is_plain_relative(path: str) -> bool:

@@ -53,7 +53,7 @@ class PlainRounds:
     def plan(self, ranks: Sequence[int], final: Mapping | None = None) -> dict | None:
         return None
 
-    def vet(self, params, rank, site: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def vet(self, params, rank, site: str, accepted=()) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         state = plain_params(params)
         return state, state
 
@@ -119,7 +119,7 @@ class PlainFold:
     def plan(self, final: Mapping | None = None) -> dict | None:
         return None
 
-    def vet(self, params, rank, site: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def vet(self, params, rank, site: str, accepted=()) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         state = plain_params(params)
         return state, state
 

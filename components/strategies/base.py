@@ -15,9 +15,12 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from flare_lora.components.algorithms.lora_state import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
     InvalidUpdate,
     lora_module_shapes,
     product_norms,
+    targeted,
     validate_lora_update,
 )
 
@@ -102,7 +105,8 @@ class UpdateLimits:
         config): a site's modules must match its own target_modules and keep the shapes accepted
         before in the job.
     max_examples: the largest num_examples a site may declare (its weight in the aggregate).
-    max_update_norm: the largest ||s * B @ A||_F of one module of a LoRA update (0: no bound).
+    max_update_norm: the largest ||s * B @ A||_F, ||A||_F and ||s * B||_F of one module of a LoRA
+        update, and of the round's aggregate (0: no bound).
     """
 
     module_shapes: Mapping[str, tuple[int, int]] | None = None
@@ -147,16 +151,33 @@ def check_update(update: SiteUpdate, limits: UpdateLimits = UpdateLimits(), *,
         raise InvalidUpdate(f"declared alpha must be a finite number > 0, got {update.alpha!r}")
     check_examples(update.num_examples, limits.max_examples)
     validate_lora_update(update.state, rank=update.rank, expected_shapes=limits.module_shapes)
-    for prefix, shape in lora_module_shapes(update.state).items():
-        if targets is not None and not any(prefix == t or prefix.endswith("." + t) for t in targets):
+    modules = lora_module_shapes(update.state)
+    for prefix, shape in modules.items():
+        if targets is not None and not targeted(prefix, targets):
             raise InvalidUpdate(f"module {prefix!r}: not one of the site's target_modules {list(targets)}")
         if learned and prefix in learned and tuple(learned[prefix]) != shape:
             raise InvalidUpdate(f"module {prefix!r}: expected (out, in) = {tuple(learned[prefix])}, got {shape}")
+    if limits.module_shapes is not None and targets is not None:  # every module it adapts, not a subset
+        missing = sorted(p for p in limits.module_shapes if targeted(p, targets) and p not in modules)
+        if missing:
+            raise InvalidUpdate(f"modules {missing[:3]} ({len(missing)} in all) of the site's target_modules "
+                                "are missing: a site sends every module it adapts")
     if limits.max_update_norm:
-        for prefix, norm in product_norms(update.state, update.scaling).items():
-            if not norm <= limits.max_update_norm:
-                raise InvalidUpdate(f"module {prefix!r}: ||s*B@A||_F = {norm:.4g} exceeds "
-                                    f"max_update_norm={limits.max_update_norm:g}")
+        check_update_norms(update.state, update.scaling, limits.max_update_norm)
+
+
+def check_update_norms(state: Mapping[str, Tensor], scaling: float, bound: float) -> None:
+    """||s*B@A||_F, ||A||_F and ||s*B||_F of every module <= bound: the product alone can be kept
+    small by a huge A and a tiny B, which methods that average A's and B's separately turn into a
+    large global (InvalidUpdate naming the module)."""
+    for prefix, norm in product_norms(state, scaling).items():
+        a, b = state[prefix + LORA_A_SUFFIX], state[prefix + LORA_B_SUFFIX]
+        if 0 in a.stride() or 0 in b.stride():  # HE shape stubs carry no values
+            continue
+        for what, value in (("||s*B@A||_F", norm), ("||A||_F", float(a.double().norm())),
+                            ("||s*B||_F", abs(float(scaling)) * float(b.double().norm()))):
+            if not value <= bound:
+                raise InvalidUpdate(f"module {prefix!r}: {what} = {value:.4g} exceeds max_update_norm={bound:g}")
 
 
 def check_examples(num_examples, max_examples: int = DEFAULT_MAX_EXAMPLES) -> None:

@@ -49,6 +49,9 @@ ATTACKS = [  # (name, params, meta): the server must reject every one, naming wh
     ("non-string keys", lambda: {i: t for i, t in enumerate(factors().values())}, meta),
     ("negative merged_rounds", factors, lambda: meta(merged_rounds=-5)),
     ("num_examples not a number", factors, lambda: meta(num_examples="lots")),
+    ("a subset of the modules", lambda: {k: v for k, v in factors().items() if "q_proj" in k}, meta),
+    ("huge A, tiny B: the product within the bound", lambda: {
+        k: v + (1e3 if "lora_A" in k else 1e-6) for k, v in factors().items()}, meta),
 ]
 
 merged = 0  # it never installs a global
