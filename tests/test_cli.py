@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flare_lora.components.cli.main import main
-from flare_lora.components.cli.results import check_results_dir
+from flare_lora.components.cli.results import check_results_dir, mark_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,12 @@ def test_results_never_replace_a_folder_flare_lora_did_not_write(tmp_path, monke
     earlier.mkdir()
     (earlier / ".flare_lora_results").touch()
     (earlier / "metrics.json").write_text("{}")
-    check_results_dir(str(earlier))  # flare-lora's own: may be replaced
+    check_results_dir(str(earlier))  # flare-lora's own (an earlier version's empty marker): may be replaced
     check_results_dir(str(tmp_path / "new"))
+    mark_results(str(earlier))  # a run lists what it wrote; a file the user adds later is theirs
+    (earlier / "my_notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"did not write \(\['my_notes.txt'\]\)"):
+        check_results_dir(str(earlier))
 
 
 def test_export_writes_the_job_folder(tmp_path, monkeypatch, capsys):

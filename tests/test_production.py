@@ -20,7 +20,7 @@ from flare_lora.components.cli import lora_job
 from flare_lora.components.cli.main import main as cli_main
 from flare_lora.components.cli.recipe_args import recipe_kwargs
 from flare_lora.components.flare.checkpoint import CheckpointError, RoundCheckpoint, round_file
-from flare_lora.components.flare.launch_command import check_plugin_command
+from flare_lora.components.flare.launch_command import check_app_files, check_plugin_command, site_command
 from flare_lora.components.flare.provision import render_project
 from flare_lora.components.flare.recipe import LoraRecipe
 from flare_lora.components.flare.site_policy import (
@@ -190,6 +190,31 @@ def test_a_job_without_code_may_only_start_the_plugin_entry_point(command, probl
         check_plugin_command(command)
     ddp = ["/opt/site/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *ENTRY]
     assert check_plugin_command(" ".join(ddp + ["--method", "fedit"])) == ddp + ["--method", "fedit"]
+
+
+def test_a_job_without_code_carries_config_only_and_runs_as_the_site_says(tmp_path):
+    """A code-free job's app may not ship a module that shadows the plugin (the trainer runs in the
+    app folder); the site runs it with its own interpreter, in safe-path mode, within its process cap."""
+    app = tmp_path / "app_site-1"
+    (app / "config").mkdir(parents=True)
+    (app / "custom").mkdir()
+    (app / "config" / "config_fed_client.json").write_text("{}")
+    (app / "config" / ".__nvfl_sig.json").write_text("{}")
+    check_app_files(str(app))
+    for shadow in ("flare_lora/__init__.py", "config/sitecustomize.py", "torch.pth", "notes.txt"):
+        (app / shadow).parent.mkdir(parents=True, exist_ok=True)
+        (app / shadow).write_text("raise SystemExit('shadowed')")
+        with pytest.raises(ValueError, match=f"holds '{shadow}'"):
+            check_app_files(str(app))
+        (app / shadow).unlink()
+    argv = ["/job/chosen/python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *ENTRY]
+    assert site_command(argv, 2) == [sys.executable, "-P", *argv[1:]]
+    with pytest.raises(ValueError, match="asks for 2 training processes.*this site allows 1"):
+        site_command(argv, 1)
+    # -P: the folder the trainer starts in is not on sys.path, so a module there cannot shadow one installed
+    (tmp_path / "json.py").write_text("raise SystemExit('shadowed')")
+    run = subprocess.run([sys.executable, "-P", "-m", "json.tool", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0 and "shadowed" not in run.stderr
 
 
 def test_job_without_code_refuses_in_process_and_site_scripts(tiny_model_dir):

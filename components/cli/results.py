@@ -13,7 +13,7 @@ from flare_lora.components.report import comm_totals, load_metrics, write_report
 
 METRICS_GLOB = os.path.join("**", "flare_lora", "metrics.json")
 MODEL_KEYS = ("adapter", "layers_file", "full_weights")  # what metrics.json names as the final model
-RESULTS_MARKER = ".flare_lora_results"  # in every results folder this command wrote: it may replace only those
+RESULTS_MARKER = ".flare_lora_results"  # in every results folder this command wrote: the entries it wrote
 
 
 def check_results_dir(out_dir: str) -> None:
@@ -24,10 +24,31 @@ def check_results_dir(out_dir: str) -> None:
         raise ValueError(f"--results {out_dir}: exists and is not a folder")
     if os.path.realpath(os.getcwd()).startswith(path.rstrip(os.sep) + os.sep) or path == os.path.realpath(os.getcwd()):
         raise ValueError(f"--results {out_dir}: is the current folder or holds it; choose a new or empty folder")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, RESULTS_MARKER)):
-        found = sorted(os.listdir(path))
-        raise ValueError(f"--results {out_dir}: holds files flare-lora did not write ({found[:3]}"
-                         f"{' ...' if len(found) > 3 else ''}); choose a new or empty folder")
+    foreign = sorted(set(os.listdir(path)) - written_entries(path)) if os.path.isdir(path) else []
+    if foreign:
+        raise ValueError(f"--results {out_dir}: holds files flare-lora did not write ({foreign[:3]}"
+                         f"{' ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
+
+
+def written_entries(path: str) -> set[str]:
+    """What flare-lora wrote in a results folder, as its marker lists it (with the marker itself).
+    A marker of an earlier version is empty: the whole folder was written then."""
+    marker = os.path.join(path, RESULTS_MARKER)
+    if not os.path.isfile(marker):
+        return set()
+    with open(marker, encoding="utf-8") as f:
+        listed = {line.strip() for line in f if line.strip()}
+    return {RESULTS_MARKER, *(listed or os.listdir(path))}
+
+
+def mark_results(out_dir: str) -> None:
+    """List every entry of ``out_dir`` in its marker: all of them were written by this run."""
+    add_to_marker(out_dir, set(os.listdir(out_dir)))
+
+
+def add_to_marker(out_dir: str, entries: set[str]) -> None:
+    with open(os.path.join(out_dir, RESULTS_MARKER), "w", encoding="utf-8") as f:
+        f.write("".join(e + "\n" for e in sorted(entries - {RESULTS_MARKER})))
 
 
 def collect_results(result_dir: str | None, out_dir: str) -> dict:
@@ -43,7 +64,7 @@ def collect_results(result_dir: str | None, out_dir: str) -> dict:
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)  # empty, or results this command wrote
         shutil.copytree(src, out_dir)
-        open(os.path.join(out_dir, RESULTS_MARKER), "w").close()
+        mark_results(out_dir)
     log = load_metrics(os.path.join(out_dir, "metrics.json"))
     if not log.get("model_at_sites"):
         return log
@@ -126,5 +147,9 @@ def report_main(argv=None) -> int:
     except (OSError, ValueError) as e:  # no or unreadable metrics.json
         print(f"error: {e}", file=sys.stderr)
         return 2
+    before = set(os.listdir(args.results_dir))
     print_report(report_results(log, args.results_dir, args.title or os.path.basename(os.path.abspath(args.results_dir))))
+    listed = written_entries(args.results_dir)
+    if listed:  # a folder a run wrote: what the report added is flare-lora's too
+        add_to_marker(args.results_dir, listed | (set(os.listdir(args.results_dir)) - before))
     return 0

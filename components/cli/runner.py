@@ -16,6 +16,7 @@ from flare_lora.components.cli.environments import make_env
 from flare_lora.components.cli.results import (
     check_results_dir,
     collect_results,
+    mark_results,
     print_report,
     report_results,
     save_merged,
@@ -82,5 +83,6 @@ def run_recipe(job: Job, env, results_dir: str, model: str | None, merge: bool) 
     report = report_results(log, results_dir, job.title)
     if merge:
         report["merged"] = save_merged(model, results_dir, log)
+    mark_results(results_dir)
     print_report(report)
     return 1 if log.get("error") or not log.get("final") else 0

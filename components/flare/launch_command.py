@@ -4,6 +4,12 @@ nvflare checks a job's component *classes* against the site's allow-list, not th
 the allow-listed executor's ``command`` would otherwise let a job without code run anything at a
 site that denies bring-your-own-code. A job that ships code (its app's ``custom/`` folder) needed
 the submitter's "byoc" right, which the site granted; its command is its own.
+
+For a job without code the site also decides how it runs (``site_command``): with the interpreter
+that runs the site's FLARE client (which holds the plugin the site installed), in safe-path mode
+(``-P``: the job's folder is not on ``sys.path``), at most as many DDP processes as the site
+allows; and the job's app may hold configuration only (``check_app_files``): no file Python could
+import in place of the plugin.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import io
 import os
 import re
 import shlex
+import sys
 from collections.abc import Sequence
 
 from flare_lora.components.flare.site_args import client_parser
@@ -21,6 +28,36 @@ CLIENT_MODULE = "flare_lora.components.flare.client_train"
 ENTRY = ["-m", CLIENT_MODULE]
 PYTHON = re.compile(r"python(3(\.\d+)?)?")  # the interpreter's file name; where it lives is the site's business
 INTERPRETER_OPTIONS = re.compile(r"(-u|-m torch\.distributed\.run --standalone --nproc_per_node=[1-9][0-9]*)?")
+
+
+NPROC = re.compile(r"--nproc_per_node=([0-9]+)")
+IMPORTABLE = (".py", ".pyc", ".pyd", ".so", ".pth", ".egg", ".whl", ".zip")
+SIGNATURE = ".__nvfl_sig.json"  # FLARE's job signature, one per folder of a signed job
+
+
+def check_app_files(app_dir: str) -> None:
+    """ValueError naming the first file of a code-free job's app that is not configuration: outside
+    config/ (and the empty custom/), or anything Python imports."""
+    for folder, _, files in os.walk(app_dir):
+        for name in files:
+            path = os.path.relpath(os.path.join(folder, name), app_dir)
+            top = path.split(os.sep, 1)[0]
+            if name == SIGNATURE:
+                continue
+            if top != "config" or name.lower().endswith(IMPORTABLE):
+                raise ValueError(f"the job's app holds {path!r}: a job without code may carry files under config/ "
+                                 f"only, none that Python imports ({', '.join(IMPORTABLE)})")
+
+
+def site_command(argv: Sequence[str], max_processes: int) -> list[str]:
+    """A checked plugin command as this site runs it: its own interpreter, ``-P`` (Python >= 3.11),
+    and a DDP process count of at most ``max_processes`` (ValueError naming both otherwise)."""
+    nproc = next((int(m.group(1)) for a in argv if (m := NPROC.fullmatch(a))), 1)
+    if nproc > max_processes:
+        raise ValueError(f"the job asks for {nproc} training processes (--nproc_per_node), this site allows "
+                         f"{max_processes} (local/flare_lora.json max_gpus, else its GPU count)")
+    safe = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe, *argv[1:]]
 
 
 def job_has_code(custom_dir: str) -> bool:

@@ -120,6 +120,11 @@ def launch_command(executor) -> str | list[str]:
     return executor._command
 
 
+def set_launch_command(executor, command: str) -> None:
+    """Replace that command before the executor builds its launcher (at START_RUN)."""
+    executor._command = command
+
+
 def task_check_period(controller) -> float:
     """How often a ModelController polls its standing tasks (a private attribute in 2.9)."""
     return float(getattr(controller, "_task_check_period", 0.5))

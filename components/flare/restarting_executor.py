@@ -15,6 +15,11 @@ job that set any other command is refused at the site before anything is launche
 
 from __future__ import annotations
 
+import os
+import shlex
+
+import torch
+
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -23,8 +28,10 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
 from nvflare.security.logging import secure_format_exception
 
-from flare_lora.components.flare.launch_command import check_plugin_command, job_has_code
-from flare_lora.components.flare.nvflare_compat import launch_command, relaunch_backend
+from flare_lora.components.flare.launch_command import check_app_files, check_plugin_command, job_has_code, site_command
+from flare_lora.components.flare.nvflare_compat import launch_command, relaunch_backend, set_launch_command
+from flare_lora.components.site_local import SiteLocal
+from flare_lora.components.training.config import ConfigError
 
 # what a task ends with when its trainer is gone (or its session broke) rather than after a result
 TRAINER_LOST = (ReturnCode.EXECUTION_EXCEPTION, ReturnCode.TASK_ABORTED)
@@ -49,8 +56,10 @@ class RestartingExecutor(ClientAPIExecutor):
             custom = fl_ctx.get_engine().get_workspace().get_app_custom_dir(fl_ctx.get_job_id())
             if not job_has_code(custom):
                 try:
-                    check_plugin_command(launch_command(self))
-                except ValueError as e:
+                    check_app_files(os.path.dirname(custom))
+                    argv = site_command(check_plugin_command(launch_command(self)), site_max_processes(fl_ctx))
+                    set_launch_command(self, shlex.join(argv))
+                except (ValueError, ConfigError) as e:
                     self.system_panic(f"refusing this job at this site: it carries no code, so it may only start "
                                       f"flare-lora's training entry point: {e}", fl_ctx)
                     return
@@ -79,3 +88,10 @@ class RestartingExecutor(ClientAPIExecutor):
             return False
         self.failed_task = ""
         return True
+
+
+def site_max_processes(fl_ctx: FLContext) -> int:
+    """The most training processes a job may start here: the site's max_gpus, else its GPU count."""
+    root = fl_ctx.get_engine().get_workspace().get_root_dir()
+    limit = SiteLocal.load(root, fl_ctx.get_identity_name()).max_gpus
+    return limit if limit is not None else max(1, torch.cuda.device_count())
