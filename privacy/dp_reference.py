@@ -62,6 +62,24 @@ class ReceivedView:
         self._views.pop(job_id, None)
 
 
+def expected_layout(method: str | None, received: dict[str, Tensor], modules, rank) -> dict[str, tuple] | None:
+    """{key: shape} a result must have, from the server's word alone (the task's ``modules`` =
+    [[prefix, out, in], ...] and this site's ``rank``, and what it sent); None where that does not
+    fix it (selective layers: their keys follow the layers the task assigns)."""
+    fresh = None
+    if isinstance(modules, list) and isinstance(rank, int) and rank > 0:
+        fresh = {}
+        for prefix, out, in_dim in modules:
+            fresh[prefix + LORA_A_SUFFIX], fresh[prefix + LORA_B_SUFFIX] = (rank, in_dim), (out, rank)
+    if method in FRESH_METHODS or (method is not None and method != "selective" and not received and fresh):
+        return fresh
+    if method == "selective" or not received:
+        return None
+    if method in SLICING_METHODS and fresh is not None:
+        return {k: fresh.get(k, tuple(v.shape)) for k, v in received.items()}
+    return {k: tuple(v.shape) for k, v in received.items()}
+
+
 def _slice(key: str, value: Tensor, shape: tuple, scaling: float | None) -> Tensor:
     """A site's slice of a global factor of a larger or equal rank."""
     if key.endswith(LORA_A_SUFFIX) and value.shape[1:] == shape[1:] and shape[0] <= value.shape[0]:

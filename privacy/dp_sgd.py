@@ -13,7 +13,9 @@ accumulates across rounds, jobs and restarts. σ comes from ``dp_noise_multiplie
 target ``dp_epsilon`` over ``dp_planned_steps`` (Opacus' ``get_noise_multiplier``). A round that
 would take the ledger past a budget is refused before it trains: the job's ``dp_epsilon_max`` (at the
 job's δ and accountant) and the site admin's ``dp_epsilon_max`` in ``local/flare_lora.json``
-(components/site_local.py), charged at the site's own ``dp_delta`` / ``dp_accountant`` when set.
+(components/site_local.py), charged at the site's own ``dp_delta`` / ``dp_accountant``; where the site
+sets none, at δ = min(the job's, 1e-5) with RDP (the larger ε of the two accountants), never at a
+looser δ or accountant a job picks.
 
 Noise and sampling draw from fresh OS entropy unless ``noise_seed`` is given (tests and
 benchmarks): noise seeded from the job's public seed could be subtracted by anyone who reads it.
@@ -47,6 +49,8 @@ DEFAULT_ACCOUNTANT = "rdp"
 DEFAULT_CLIPPING = "hooks"
 LEDGER_NAME = "dp_sgd.jsonl"
 
+
+SITE_DELTA = 1e-5  # the δ a site budget is charged at when the site admin names none
 
 class PrivacyBudgetExceeded(RuntimeError):
     """A round would spend more than the site's ε budget; nothing was trained."""
@@ -99,8 +103,8 @@ class DPSGD:
         self.budgets = [Budget(cfg.dp_epsilon_max, self.delta, self.accountant, "the job's dp_epsilon_max")] \
             if cfg.dp_epsilon_max is not None else []
         if local is not None and local.dp_epsilon_max is not None:  # the site admin's, charged the site's way
-            self.budgets.append(Budget(local.dp_epsilon_max, local.dp_delta or self.delta,
-                                       local.dp_accountant or self.accountant, f"dp_epsilon_max of {local.path}"))
+            self.budgets.append(Budget(local.dp_epsilon_max, local.dp_delta or min(self.delta, SITE_DELTA),
+                                       local.dp_accountant or "rdp", f"dp_epsilon_max of {local.path}"))
         self.epsilon_max = min((b.limit for b in self.budgets), default=None)
         self.ledger = ledger or PrivacyLedger()
         self.noise_seed = noise_seed

@@ -181,6 +181,9 @@ class EncryptedUpdate:
                 blobs = list(group["ciphertexts"])
             except (KeyError, TypeError, ValueError) as e:
                 raise InvalidUpdate(f"group {name!r}: malformed layout ({e})") from None
+            keys = [s.key for s in segments]
+            if keys != sorted(keys):  # the one layout of a key set: a site cannot impose another order
+                raise InvalidUpdate(f"group {name!r}: segments not in key order")
             for s in segments:
                 if s.dtype not in DTYPES or not s.shape or min(s.shape) < 1:
                     raise InvalidUpdate(f"{s.key}: bad dtype/shape {s.dtype} {s.shape}")

@@ -62,6 +62,11 @@ def test_results_never_replace_a_folder_flare_lora_did_not_write(tmp_path, monke
     (earlier / "my_notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"did not write \(\['my_notes.txt'\]\)"):
         check_results_dir(str(earlier))
+    (earlier / "my_notes.txt").unlink()
+    (earlier / "adapter").mkdir()
+    (earlier / "adapter" / "mine.txt").write_text("mine")  # inside a folder a run could have written
+    with pytest.raises(ValueError, match=r"did not write \(\['adapter/mine.txt'\]\)"):
+        check_results_dir(str(earlier))
 
 
 def test_export_writes_the_job_folder(tmp_path, monkeypatch, capsys):

@@ -53,11 +53,17 @@ def test_weights_result_is_the_received_global_plus_the_clipped_change():
         filter_call(result_filter, result, {}, 1, task="t1")
 
 
-def test_weight_diff_is_clipped_without_a_kept_global():
+def test_weight_diff_is_clipped_and_holds_exactly_the_sent_entries():
     change = state(1, scale=0.01)
-    out = filter_call(ClientDPFilter(clip=CLIP, sigma=1e-6), change, {}, 0, kind=DataKind.WEIGHT_DIFF, task="diff")
+    data_filter, result_filter = privacy_json_pair(sigma=1e-6)
+    filter_call(data_filter, state(0), {}, 0, direction=FilterKey.IN, task="diff", job="diff-job")
+    out = filter_call(result_filter, change, {}, 0, kind=DataKind.WEIGHT_DIFF, task="diff", job="diff-job")
     assert update_norm(out.data) == pytest.approx(CLIP, rel=1e-3)
     assert out.meta["client_dp"]["releases"] == 1
+    filter_call(data_filter, state(0), {}, 1, direction=FilterKey.IN, task="diff1", job="diff-job")
+    with pytest.raises(ValueError, match="WEIGHT_DIFF result must hold exactly the entries the server sent"):
+        filter_call(result_filter, {**change, "extra": torch.zeros(2)}, {}, 1, kind=DataKind.WEIGHT_DIFF,
+                    task="diff1", job="diff-job")
 
 
 def released_change(out, reference):
@@ -89,15 +95,24 @@ def test_the_reference_is_derived_from_the_task_whatever_the_job_says(method):
     out = filter_call(result_filter, forged, meta, 2, task="x", job=job)
     assert released_change(out, reference) == pytest.approx(CLIP, rel=1e-3)
     assert list(out.data) == sorted(reference)
-    assert out.meta["num_examples"] == 1 and out.meta["train"] == {"steps": 3.0}
+    assert out.meta["num_examples"] == 1 and set(out.meta["train"]) == {"seconds"}  # measured by the filter
+    assert out.meta["merged_rounds"] == 1  # what the tasks installed (FLoRA: r0), not the job's 0
     for withheld in ("base_digest", "update_reference", 7):
         assert withheld not in out.meta
-    assert set(out.meta) <= {"rank", "alpha", "num_examples", "merged_rounds", "train", "initial_metrics",
-                             "client_dp", "filter_history"}
-    # rank and alpha are pinned at the job's first release at this site: a later change is refused
+    assert set(out.meta) == {"rank", "alpha", "num_examples", "merged_rounds", "train", "initial_metrics", "client_dp"}
+    # entries the task does not fix, non-finite values, other kinds and failed results never leave
+    filter_call(data_filter, sent, {"method": method}, 4, direction=FilterKey.IN, task="z", job=job)
+    with pytest.raises(ValueError, match="not finite"):
+        filter_call(result_filter, {**forged, "m.lora_A.weight": forged["m.lora_A.weight"] * float("nan")}, meta, 4,
+                    task="z", job=job)
+    # rank and alpha are pinned at the job's first release at this site (or named by the server's task):
+    # a later change is refused where the reference depends on them, and never released
     filter_call(data_filter, sent, {"method": method}, 3, direction=FilterKey.IN, task="y", job=job)
-    with pytest.raises(ValueError, match="differ from this job's first release"):
-        filter_call(result_filter, forged, {**meta, "alpha": 32.0}, 3, task="y", job=job)
+    if method == "zero_pad":
+        with pytest.raises(ValueError, match="differ from this job's"):
+            filter_call(result_filter, forged, {**meta, "alpha": 32.0}, 3, task="y", job=job)
+    else:
+        assert filter_call(result_filter, forged, {**meta, "alpha": 32.0}, 3, task="y", job=job).meta["alpha"] == alpha
 
 
 def test_metrics_results_and_their_meta_are_rebuilt_from_the_allow_list():
@@ -111,6 +126,24 @@ def test_metrics_results_and_their_meta_are_rebuilt_from_the_allow_list():
     out = filter_call(result_filter, {}, scores, 0, kind=DataKind.METRICS, task="score")  # a selective site's scores
     assert out.meta["scores"] == [0.0, 0.0] and out.meta["dp_scores"] == "withheld"
     assert (out.meta["budget"], out.meta["criterion"]) == (2, "grad_norm") and "digest" not in out.meta
+
+
+def test_other_kinds_and_failed_results_never_carry_data_out():
+    from nvflare.apis.dxo import DXO
+    from nvflare.apis.fl_constant import ReturnCode
+
+    _, result_filter = privacy_json_pair(sigma=1.0)
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.OUT, private=True, sticky=False)
+    failed = DXO(DataKind.WEIGHTS, data=state(0)).to_shareable()
+    failed.set_return_code(ReturnCode.EXECUTION_EXCEPTION)  # a job's process may set any code with any payload
+    reply = result_filter.process(failed, ctx)
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION and "DXO" not in reply
+    collection = DXO(DataKind.COLLECTION, data={"inner": DXO(DataKind.WEIGHTS, data=state(0))}).to_shareable()
+    with pytest.raises(ValueError, match="cannot privatise a DataKind.COLLECTION result"):
+        result_filter.process(collection, ctx)
+    with pytest.raises(ValueError, match="not a valid DXO"):
+        result_filter.process(Shareable({"weights": state(0)}), ctx)
 
 
 def test_encrypted_global_of_an_averaging_job_fails_closed_naming_the_fix():
@@ -134,7 +167,7 @@ def test_weights_without_a_kept_global_fail_closed_and_tell_the_admin():
 def test_a_result_entry_missing_from_the_global_fails_closed_naming_it():
     data_filter, result_filter = privacy_json_pair(sigma=1.0)
     filter_call(data_filter, state(0), {}, 0, direction=FilterKey.IN, task="t")
-    with pytest.raises(ValueError, match=r"'new_head.bias' was never sent by the server"):
+    with pytest.raises(ValueError, match=r"entries differ from what the task fixes .*\['new_head.bias'\]"):
         filter_call(result_filter, {**state(0), "new_head.bias": torch.zeros(3)}, {}, 0, task="t")
 
 

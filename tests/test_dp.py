@@ -176,6 +176,12 @@ def test_budget_refuses_before_training_and_survives_restarts(site, tmp_path):
     assert PrivacyLedger(path).epsilon(1e-9) > spent * 1.01
     with pytest.raises(ConfigError, match=r"budget [0-9.]+ \(dp_epsilon_max of kit/local/x.json\) already spent"):
         DPSGD(dp_config(dp_epsilon_max=100.0), len(RECORDS), site="site-2", ledger=PrivacyLedger(path), local=admin)
+    # where the site names no δ or accountant: at most 1e-5 and RDP, not a looser δ and PRV the job picks
+    admin = SiteLocal.parse('{"dp_epsilon_max": %r}' % (spent * 0.99), "site-2", "kit/local/x.json")
+    assert PrivacyLedger(path).epsilon(0.02, "prv") < spent * 0.99
+    with pytest.raises(ConfigError, match=r"dp_epsilon_max of kit/local/x.json\) already spent"):
+        DPSGD(dp_config(dp_delta=0.02, dp_accountant="prv", dp_epsilon_max=100.0), len(RECORDS), site="site-2",
+              ledger=PrivacyLedger(path), local=admin)
     # ... and the environment is the fallback where the file leaves the budget unset
     env = {"FLARE_LORA_DP_EPSILON_MAX_SITE_2": "0.5", "FLARE_LORA_DP_EPSILON_MAX": "9"}
     assert SiteLocal(site="site-2").with_environment(env).dp_epsilon_max == 0.5

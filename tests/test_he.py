@@ -232,6 +232,9 @@ def test_bad_updates_are_rejected_with_the_reason(keys, tmp_path):
     accepted = [SiteUpdate(site="site-1", state=first, num_examples=1, rank=4, alpha=8.0)]
     with pytest.raises(InvalidUpdate, match="differ from site-1's this round"):
         he.vet({HE_KEY: subset}, 4, "site-2", accepted)
+    reordered = {**wire, "groups": {g: {**v, "segments": v["segments"][::-1]} for g, v in wire["groups"].items()}}
+    with pytest.raises(InvalidUpdate, match="segments not in key order"):  # one layout per key set
+        he.vet({HE_KEY: reordered}, 4, "site-0")
     padded = EncryptedRounds(get_method("zero_pad"), server)
     padded.plan([4, 8])
     with pytest.raises(InvalidUpdate, match="zero-padded to rank"):

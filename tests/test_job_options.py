@@ -86,7 +86,7 @@ def values(data: Path, site_config: Path, other_model: Path) -> dict[str, tuple[
 
 def job_base(job: str, flag: str, model: str) -> list[str]:
     sites = ["--budgets", "1,1", "--rank", "2"] if job == "selective" else ["--ranks", "2,2"]
-    if job == "selective" and flag.startswith("--dp-"):  # DP-SGD sites withhold layer scores: a selection reading none
+    if job == "selective" and flag.startswith(("--dp-", "--client-dp-")):  # DP sites withhold layer scores: a selection reading none
         sites += ["--selection", "top"]
     return [*sites, "--model", model]
 

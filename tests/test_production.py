@@ -200,6 +200,7 @@ def test_a_job_without_code_carries_config_only_and_runs_as_the_site_says(tmp_pa
     (app / "custom").mkdir()
     (app / "config" / "config_fed_client.json").write_text("{}")
     (app / "config" / ".__nvfl_sig.json").write_text("{}")
+    (app / ".__nvfl_submitter.crt").write_text("cert")  # FLARE adds these to a submitted job
     check_app_files(str(app))
     for shadow in ("flare_lora/__init__.py", "config/sitecustomize.py", "torch.pth", "notes.txt"):
         (app / shadow).parent.mkdir(parents=True, exist_ok=True)
@@ -208,13 +209,15 @@ def test_a_job_without_code_carries_config_only_and_runs_as_the_site_says(tmp_pa
             check_app_files(str(app))
         (app / shadow).unlink()
     argv = ["/job/chosen/python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *ENTRY]
-    assert site_command(argv, 2) == [sys.executable, "-P", *argv[1:]]
+    assert site_command(argv, 2)[1:] == ["PYTHONSAFEPATH=1", sys.executable, "-P", *argv[1:]]
     with pytest.raises(ValueError, match="asks for 2 training processes.*this site allows 1"):
         site_command(argv, 1)
     # -P: the folder the trainer starts in is not on sys.path, so a module there cannot shadow one installed
     (tmp_path / "json.py").write_text("raise SystemExit('shadowed')")
-    run = subprocess.run([sys.executable, "-P", "-m", "json.tool", "--help"], cwd=tmp_path, capture_output=True, text=True)
-    assert run.returncode == 0 and "shadowed" not in run.stderr
+    for prefix in ([sys.executable, "-P"], ["env", "PYTHONSAFEPATH=1", sys.executable]):  # DDP workers: the env
+        run = subprocess.run([*prefix, "-m", "json.tool", "--help"], cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0 and "shadowed" not in run.stderr
+    assert subprocess.run([sys.executable, "-m", "json.tool", "--help"], cwd=tmp_path, capture_output=True).returncode != 0
 
 
 def test_job_without_code_refuses_in_process_and_site_scripts(tiny_model_dir):

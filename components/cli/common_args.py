@@ -95,8 +95,8 @@ def add_production_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="reject a site result that declares more examples, i.e. weight (default 1000000)")
     g.add_argument("--max-update-norm", type=float, default=None, metavar="X",
-                   help="LoRA jobs: reject a site update with a module's ||s*B@A||_F, ||A||_F or ||s*B||_F above X, "
-                        "and a site without which the round's aggregate stays within X (default 100; 0: no bound)")
+                   help="LoRA jobs: reject a site update with a module's ||s*B@A||_F above X or ||A||_F, ||s*B||_F above "
+                        "sqrt(X), and the round's aggregate above X (default 100; 0: no bound)")
     g.add_argument("--model-config", default=None, metavar="PATH",
                    help="LoRA jobs: the base model (dir, .gguf or config.json) the server pins the sites' modules to, "
                         "when --model is a logical name or not on this machine")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
@@ -24,31 +25,40 @@ def check_results_dir(out_dir: str) -> None:
         raise ValueError(f"--results {out_dir}: exists and is not a folder")
     if os.path.realpath(os.getcwd()).startswith(path.rstrip(os.sep) + os.sep) or path == os.path.realpath(os.getcwd()):
         raise ValueError(f"--results {out_dir}: is the current folder or holds it; choose a new or empty folder")
-    foreign = sorted(set(os.listdir(path)) - written_entries(path)) if os.path.isdir(path) else []
+    foreign = sorted(set(files_in(path)) - written_files(path)) if os.path.isdir(path) else []
     if foreign:
         raise ValueError(f"--results {out_dir}: holds files flare-lora did not write ({foreign[:3]}"
                          f"{' ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
 
 
-def written_entries(path: str) -> set[str]:
-    """What flare-lora wrote in a results folder, as its marker lists it (with the marker itself).
-    A marker of an earlier version is empty: the whole folder was written then."""
+def files_in(path: str) -> list[str]:
+    """Every file under ``path`` (links too, not followed), relative to it."""
+    return [os.path.relpath(os.path.join(folder, name), path)
+            for folder, dirs, files in os.walk(path) for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]]
+
+
+def written_files(path: str) -> set[str]:
+    """The files flare-lora wrote in a results folder, as its marker (a JSON list) names them, with
+    the marker itself. An earlier version's empty marker stood for the whole folder."""
     marker = os.path.join(path, RESULTS_MARKER)
     if not os.path.isfile(marker):
         return set()
     with open(marker, encoding="utf-8") as f:
-        listed = {line.strip() for line in f if line.strip()}
-    return {RESULTS_MARKER, *(listed or os.listdir(path))}
+        text = f.read()
+    if not text.strip():
+        return set(files_in(path))
+    try:
+        listed = json.loads(text)
+    except ValueError:
+        return {RESULTS_MARKER}
+    return {RESULTS_MARKER, *(p for p in listed if isinstance(p, str))} if isinstance(listed, list) else {RESULTS_MARKER}
 
 
-def mark_results(out_dir: str) -> None:
-    """List every entry of ``out_dir`` in its marker: all of them were written by this run."""
-    add_to_marker(out_dir, set(os.listdir(out_dir)))
-
-
-def add_to_marker(out_dir: str, entries: set[str]) -> None:
+def mark_results(out_dir: str, files: set[str] | None = None) -> None:
+    """Name in the marker the files this run wrote (default: every file now in ``out_dir``)."""
+    files = set(files_in(out_dir)) if files is None else files
     with open(os.path.join(out_dir, RESULTS_MARKER), "w", encoding="utf-8") as f:
-        f.write("".join(e + "\n" for e in sorted(entries - {RESULTS_MARKER})))
+        json.dump(sorted(files - {RESULTS_MARKER}), f, indent=0)
 
 
 def collect_results(result_dir: str | None, out_dir: str) -> dict:
@@ -147,9 +157,9 @@ def report_main(argv=None) -> int:
     except (OSError, ValueError) as e:  # no or unreadable metrics.json
         print(f"error: {e}", file=sys.stderr)
         return 2
-    before = set(os.listdir(args.results_dir))
+    before = set(files_in(args.results_dir)) if os.path.isdir(args.results_dir) else set()
     print_report(report_results(log, args.results_dir, args.title or os.path.basename(os.path.abspath(args.results_dir))))
-    listed = written_entries(args.results_dir)
+    listed = written_files(args.results_dir)
     if listed:  # a folder a run wrote: what the report added is flare-lora's too
-        add_to_marker(args.results_dir, listed | (set(os.listdir(args.results_dir)) - before))
+        mark_results(args.results_dir, listed | (set(files_in(args.results_dir)) - before))
     return 0

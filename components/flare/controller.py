@@ -11,7 +11,7 @@ from __future__ import annotations
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes
-from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args
+from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args, task_layout
 from flare_lora.components.strategies import METHODS, SiteUpdate, check_update, get_method
 from flare_lora.components.strategies.base import (
     DEFAULT_MAX_UPDATE_NORM,
@@ -49,8 +49,8 @@ class LoraController(FederatedWorkflow):
         module_shapes: [[PEFT module prefix, out, in], ...]: every module the job's sites may adapt,
             from the base model (module_shapes.py); None: a site's modules must be its
             target_modules, with the shapes first accepted in the job.
-        max_update_norm: the largest ||s*B@A||_F, ||A||_F and ||s*B||_F of one module of a site's
-            update and of the round's aggregate (0: no bound).
+        max_update_norm: X, the largest ||s*B@A||_F of one module of a site's update and of the
+            round's aggregate; ||A||_F and ||s*B||_F up to √X (0: no bound).
         args, kwargs: those of FederatedWorkflow (min_clients, clients_per_round, seed, task_timeout,
             max_result_bytes, checkpoint_dir, he, ...); named so, FLARE's job export reads them too.
         """
@@ -130,7 +130,7 @@ class LoraController(FederatedWorkflow):
         final = task == "validate"
         spec = {"writer": "adapter", "base_model": self.base_model}
         for merged, group in sorted(by_lag.items()):
-            meta = {"method": self.method, "round": rnd, "num_rounds": self.num_rounds}
+            meta = {"method": self.method, "round": rnd, "num_rounds": self.num_rounds, **self.layout_meta(group)}
             plan = self.aggregator.plan([self.site_configs.get(s, {}).get("rank", 0) for s in sites],
                                         spec if final else None)
             if plan is not None:
@@ -147,6 +147,11 @@ class LoraController(FederatedWorkflow):
                 # sent the whole history, from which it installs only the rounds it lacks
                 self.merged.pop(site, None)
         return results, record
+
+    def layout_meta(self, sites: list[str]) -> dict:
+        """What a task tells the sites' client-DP filters about the result it expects: the pinned
+        modules and each site's declared rank and alpha (the server's word, not the job code's)."""
+        return task_layout(self.limits.module_shapes, self.site_configs, sites)
 
     def vet_update(self, site: str, result: FLModel, accepted: list[SiteUpdate]) -> SiteUpdate:
         """The site's result as a SiteUpdate, checked in clear (HE: on its declared shapes) against
@@ -168,15 +173,15 @@ class LoraController(FederatedWorkflow):
 
     def aggregate(self, rnd: int, updates: list[SiteUpdate], record: dict) -> tuple[dict, list[SiteUpdate]]:
         """The round's global and the updates in it. An aggregate that raises, is not finite or exceeds
-        max_update_norm is never stored or sent: a site without which it would be fine is rejected
-        (leave-one-out: one site's vetted factors can still combine badly with the others', e.g. a
-        huge A and a tiny B averaged separately) and the rest re-aggregated; the job fails only when
-        no single site explains it or fewer than min_clients remain."""
+        max_update_norm is never stored or sent: the one site without which it would be fine is
+        rejected and the rest re-aggregated (a safety net: the per-update factor caps already keep
+        FedIT's, zero-pad's and FLoRA's aggregates within the bound); the job fails when no single
+        site explains it, or fewer than min_clients remain."""
         state, problem = self._try_aggregate(updates)
         if problem is None:
             return state, updates
         culprits = [u for u in updates if self._try_aggregate([v for v in updates if v is not u])[1] is None]
-        if len(culprits) == len(updates) or not culprits:
+        if len(culprits) != 1:  # none, or several each of which could be the cause: reject no one
             raise JobFailed(f"round {rnd}: the aggregate of {[u.site for u in updates]} {problem}")
         for update in culprits:
             entry = record["sites"][update.site]
@@ -211,4 +216,3 @@ class LoraController(FederatedWorkflow):
         self.log.update(self.aggregator.save(self.out, self.rounds, final,
                                              {"writer": "adapter", "base_model": self.base_model}))
         self.write_json("metrics.json", self.log)
-

@@ -7,7 +7,7 @@ the submitter's "byoc" right, which the site granted; its command is its own.
 
 For a job without code the site also decides how it runs (``site_command``): with the interpreter
 that runs the site's FLARE client (which holds the plugin the site installed), in safe-path mode
-(``-P``: the job's folder is not on ``sys.path``), at most as many DDP processes as the site
+(``-P`` and PYTHONSAFEPATH for DDP workers: the job's folder is not on ``sys.path``), at most as many DDP processes as the site
 allows; and the job's app may hold configuration only (``check_app_files``): no file Python could
 import in place of the plugin.
 """
@@ -19,6 +19,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -32,7 +33,7 @@ INTERPRETER_OPTIONS = re.compile(r"(-u|-m torch\.distributed\.run --standalone -
 
 NPROC = re.compile(r"--nproc_per_node=([0-9]+)")
 IMPORTABLE = (".py", ".pyc", ".pyd", ".so", ".pth", ".egg", ".whl", ".zip")
-SIGNATURE = ".__nvfl_sig.json"  # FLARE's job signature, one per folder of a signed job
+FLARE_FILES = ".__nvfl_"  # FLARE's own files in a deployed app: signatures, the submitter's certificate
 
 
 def check_app_files(app_dir: str) -> None:
@@ -42,7 +43,7 @@ def check_app_files(app_dir: str) -> None:
         for name in files:
             path = os.path.relpath(os.path.join(folder, name), app_dir)
             top = path.split(os.sep, 1)[0]
-            if name == SIGNATURE:
+            if name.startswith(FLARE_FILES) and not name.lower().endswith(IMPORTABLE):
                 continue
             if top != "config" or name.lower().endswith(IMPORTABLE):
                 raise ValueError(f"the job's app holds {path!r}: a job without code may carry files under config/ "
@@ -56,8 +57,10 @@ def site_command(argv: Sequence[str], max_processes: int) -> list[str]:
     if nproc > max_processes:
         raise ValueError(f"the job asks for {nproc} training processes (--nproc_per_node), this site allows "
                          f"{max_processes} (local/flare_lora.json max_gpus, else its GPU count)")
-    safe = ["-P"] if sys.version_info >= (3, 11) else []
-    return [sys.executable, *safe, *argv[1:]]
+    if sys.version_info < (3, 11):
+        return [sys.executable, *argv[1:]]
+    # -P for this process, PYTHONSAFEPATH for the DDP workers torchrun starts with a plain interpreter
+    return [shutil.which("env") or "/usr/bin/env", "PYTHONSAFEPATH=1", sys.executable, "-P", *argv[1:]]
 
 
 def job_has_code(custom_dir: str) -> bool:

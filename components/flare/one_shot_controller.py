@@ -17,7 +17,7 @@ import time
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args
+from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args, task_layout
 from flare_lora.components.strategies import ONE_SHOT_METHODS, SiteUpdate, check_examples, check_update, get_method
 from flare_lora.components.strategies.base import DEFAULT_MAX_UPDATE_NORM, UpdateLimits, check_limits, pinned_shapes
 from flare_lora.components.strategies.aggregators import PlainFold
@@ -107,7 +107,8 @@ class OneShotController(FederatedWorkflow):
         self.record = {"round": 0, "task": "train", "sites": {s: {} for s in sites}, "aggregated": []}
         self.log["rounds"] = [self.record]
         self.start = time.time()
-        meta = {"method": self.method, "round": 0, "num_rounds": 1, "one_shot": True}
+        meta = {"method": self.method, "round": 0, "num_rounds": 1, "one_shot": True,
+                **(task_layout(self.limits.module_shapes, self.site_configs, sites) if self.strategy.lora else {})}
         plan = self.aggregator.plan()
         if plan is not None:
             meta["he"] = plan

@@ -76,8 +76,8 @@ class SiteRecipe(Recipe):
         last one died (restarting_executor.py); 0: never.
     seed, task_timeout, wait_for_clients_timeout, checkpoint_dir, max_result_bytes, max_examples:
         those of the server workflow (workflow.py).
-    max_update_norm: the largest ||s*B@A||_F, ||A||_F and ||s*B||_F the server accepts for one
-        module of a site's LoRA update, and of the round's aggregate (default 100; 0: no bound).
+    max_update_norm: X, the largest ||s*B@A||_F the server accepts for one module of a site's LoRA
+        update and of the round's aggregate; ||A||_F and ||s*B||_F up to √X (default 100; 0: no bound).
         LoRA jobs only.
     model_config: where the server's module shapes come from when ``model`` is a logical name or
         not on this machine: the base model's dir, .gguf or config.json (module_shapes.py). LoRA

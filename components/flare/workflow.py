@@ -294,3 +294,14 @@ def params_bytes(params) -> int:
 def wire_bytes(model: FLModel) -> int:
     """Bytes of the message as FLARE's serializer (fobs, tensors via safetensors) encodes it."""
     return len(fobs.dumps(FLModelUtils.to_shareable(model)))
+
+
+def task_layout(module_shapes, site_configs: dict, sites: list[str]) -> dict:
+    """{"modules": [[prefix, out, in], ...], "lora": {site: [rank, alpha]}} for the sites that declared them."""
+    meta = {}
+    if module_shapes:
+        meta["modules"] = [[prefix, *shape] for prefix, shape in module_shapes.items()]
+    lora = {s: [c["rank"], float(c["alpha"])] for s in sites if "rank" in (c := site_configs.get(s, {})) and "alpha" in c}
+    if lora:
+        meta["lora"] = lora
+    return meta

@@ -105,8 +105,8 @@ class UpdateLimits:
         config): a site's modules must match its own target_modules and keep the shapes accepted
         before in the job.
     max_examples: the largest num_examples a site may declare (its weight in the aggregate).
-    max_update_norm: the largest ||s * B @ A||_F, ||A||_F and ||s * B||_F of one module of a LoRA
-        update, and of the round's aggregate (0: no bound).
+    max_update_norm: X, the largest ||s * B @ A||_F of one module of a LoRA update and of the
+        round's aggregate; ||A||_F and ||s * B||_F up to √X (0: no bound).
     """
 
     module_shapes: Mapping[str, tuple[int, int]] | None = None
@@ -163,21 +163,24 @@ def check_update(update: SiteUpdate, limits: UpdateLimits = UpdateLimits(), *,
             raise InvalidUpdate(f"modules {missing[:3]} ({len(missing)} in all) of the site's target_modules "
                                 "are missing: a site sends every module it adapts")
     if limits.max_update_norm:
-        check_update_norms(update.state, update.scaling, limits.max_update_norm)
+        check_update_norms(update.state, update.scaling, limits.max_update_norm, factors=True)
 
 
-def check_update_norms(state: Mapping[str, Tensor], scaling: float, bound: float) -> None:
-    """||s*B@A||_F, ||A||_F and ||s*B||_F of every module <= bound: the product alone can be kept
-    small by a huge A and a tiny B, which methods that average A's and B's separately turn into a
-    large global (InvalidUpdate naming the module)."""
+def check_update_norms(state: Mapping[str, Tensor], scaling: float, bound: float, factors: bool = False) -> None:
+    """||s*B@A||_F <= bound for every module, and with ``factors`` ||A||_F and ||s*B||_F <= √bound:
+    the product alone can be kept small by a huge A and a tiny B, which methods that average A's
+    and B's separately turn into a large global. With both factor caps every aggregate (weighted
+    sums, padding, stacking) keeps ||s*B@A||_F <= bound (InvalidUpdate naming the module)."""
     for prefix, norm in product_norms(state, scaling).items():
         a, b = state[prefix + LORA_A_SUFFIX], state[prefix + LORA_B_SUFFIX]
-        if 0 in a.stride() or 0 in b.stride():  # HE shape stubs carry no values
-            continue
-        for what, value in (("||s*B@A||_F", norm), ("||A||_F", float(a.double().norm())),
-                            ("||s*B||_F", abs(float(scaling)) * float(b.double().norm()))):
-            if not value <= bound:
-                raise InvalidUpdate(f"module {prefix!r}: {what} = {value:.4g} exceeds max_update_norm={bound:g}")
+        checks = [("||s*B@A||_F", norm, bound)]
+        if factors and 0 not in a.stride() and 0 not in b.stride():  # HE shape stubs carry no values
+            checks += [("||A||_F", float(a.double().norm()), bound ** 0.5),
+                       ("||s*B||_F", abs(float(scaling)) * float(b.double().norm()), bound ** 0.5)]
+        for what, value, limit in checks:
+            if not value <= limit:
+                raise InvalidUpdate(f"module {prefix!r}: {what} = {value:.4g} exceeds "
+                                    f"{'√' if limit != bound else ''}max_update_norm={limit:.4g}")
 
 
 def check_examples(num_examples, max_examples: int = DEFAULT_MAX_EXAMPLES) -> None:
