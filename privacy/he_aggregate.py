@@ -44,15 +44,19 @@ def integer_weights(weights: Sequence[float], budget: int) -> list[int]:
     """Non-negative integers proportional to ``weights`` with a sum of at most ``budget``.
 
     Integer weights that fit (example counts, usually) are kept as they are: the mean is exact.
-    Otherwise they are scaled to the budget and rounded: weight k is then off by at most 0.5/m_k
-    relative (a site with less than 1/(2·budget) of the total counts 0), which only happens when
-    the sites together hold more than ``budget`` examples.
+    Otherwise they are scaled to ``budget`` less one per site and rounded, and every positive weight
+    counts at least 1: weight k is then off by at most 0.5/m_k relative, except a site with less than
+    1/(2·budget) of the total, which counts 1/Σm instead of nothing (multiplying a ciphertext by 0
+    makes SEAL refuse it as "transparent"). This only happens when the sites together hold more than
+    ``budget`` examples.
     """
     normalize_weights(weights, len(weights))  # same checks: non-negative, positive sum
     if all(float(w).is_integer() for w in weights) and sum(weights) <= budget:
         return [int(w) for w in weights]
-    total = float(sum(weights))
-    return [int(round(float(w) * budget / total)) for w in weights]
+    total, room = float(sum(weights)), budget - len(weights)
+    if room < 1:
+        raise ValueError(f"{len(weights)} weighted sites do not fit the HE sum's budget of {budget}")
+    return [max(1, int(round(float(w) * room / total))) if w > 0 else 0 for w in weights]
 
 
 def weighted_sum(ckks, updates: Sequence[EncryptedUpdate], weights: Sequence[float]) -> EncryptedUpdate:
@@ -73,7 +77,8 @@ def weighted_sum(ckks, updates: Sequence[EncryptedUpdate], weights: Sequence[flo
         m = integer_weights([weights[k] for k in members], budget)
         if sum(m) == 0:
             raise ValueError(f"group {name!r}: the weights round to zero within the budget {budget}")
-        out[name] = (layout, ckks.weighted_sum([(updates[k].groups[name][1], m_k) for m_k, k in zip(m, members)]))
+        terms = [(updates[k].groups[name][1], m_k) for m_k, k in zip(m, members) if m_k]  # weight 0: not in the sum
+        out[name] = (layout, ckks.weighted_sum(terms))
         factors[name] = 1.0 / sum(m)
     return EncryptedUpdate(out, ckks.context_id, factors)
 

@@ -136,6 +136,12 @@ def test_example_counts_beyond_the_range_budget_are_rounded(keys):
     assert sum(m) <= budget and max(abs(a / sum(m) - b / sum(big)) for a, b in zip(m, big)) < 1e-5
     params, want = run_lora_round(server, site, "fedit", [4, 4, 4], n=big)
     assert_rel_close(params, want)
+    # a site whose share rounds to 0 still counts (SEAL refuses a ciphertext times 0 as "transparent")
+    tiny = [100_000, 100_000, 1]
+    m = integer_weights(tiny, budget)
+    assert m[2] == 1 and sum(m) <= budget
+    params, want = run_lora_round(server, site, "fedit", [4, 4, 4], n=tiny)
+    assert_rel_close(params, want)  # within rounding of the true mean
 
 
 def test_stacking_sites_with_different_modules(keys):
