@@ -58,9 +58,6 @@ class ReceivedView:
     def get(self, job_id: str) -> dict[str, Tensor]:
         return self._views.get(job_id, {})
 
-    def forget(self, job_id: str) -> None:
-        self._views.pop(job_id, None)
-
 
 def expected_layout(method: str | None, received: dict[str, Tensor], modules, rank) -> dict[str, tuple] | None:
     """{key: shape} a result must have, from the server's word alone (the task's ``modules`` =
