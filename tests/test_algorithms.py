@@ -18,6 +18,7 @@ from flare_lora.components.algorithms.lora_state import (
 )
 from flare_lora.components.algorithms.merge import (
     base_weight_name,
+    float_masters,
     lora_delta,
     merge_lora_into,
     merge_rounds_into,
@@ -245,6 +246,54 @@ def test_catch_up_is_bit_exact(gen):
     assert weights_digest(live) != weights_digest(base)
     late[base_weight_name(P.format(1))][0, 0] += 1
     assert weights_digest(live) != weights_digest(late)
+
+
+def _small_rounds(gen, n, scale=1e-2):
+    """n stacked FLoRA rounds whose ΔW ≈ 1e-4 per entry (what bf16 sites merge each round)."""
+    return [stack_lora([{k: v * scale for k, v in make_state(2, gen).items()}], [1], [1.0]) for _ in range(n)]
+
+
+def test_bf16_merge_keeps_every_round_within_one_rounding(gen):
+    """Ten rounds of ΔW ≈ 1e-4 on W ≈ N(0, 0.05²): a bf16 site holds cast(W0 + Σ ΔW) (float32
+    masters), so it matches the float32 reference within one bf16 rounding per weight whatever the
+    round splitting; adding each round in bf16 loses a large part of the update."""
+    rounds = _small_rounds(gen, 10)
+    w0 = {base_weight_name(p): (0.05 * torch.randn(shape, generator=gen)).to(torch.bfloat16).float()  # the bf16 base
+          for p, shape in SHAPES.items()}
+    reference = {k: v.clone() for k, v in w0.items()}
+    merge_rounds_into(reference, rounds)  # float32 throughout
+    ulp = {k: torch.finfo(torch.bfloat16).eps * v.abs() for k, v in reference.items()}  # ≥ one bf16 ulp
+
+    def site(rounds_in_order, masters):
+        weights = {k: v.to(torch.bfloat16) for k, v in w0.items()}
+        for state in rounds_in_order:
+            merge_rounds_into(weights, [state], masters)
+        return weights
+
+    model = torch.nn.Module()
+    split_10 = site(rounds, float_masters(model))
+    split_3 = site([concat_lora(rounds[:4]), concat_lora(rounds[4:7]), concat_lora(rounds[7:])], {})
+    exported = {k: v.clone() for k, v in w0.items()}
+    merge_lora_into(exported, concat_lora(rounds))  # the exported adapter on the float32 base, then cast
+    for k in reference:
+        assert bool(((split_10[k].float() - reference[k]).abs() <= ulp[k]).all()), k
+        assert bool(((split_10[k].float() - split_3[k].float()).abs() <= ulp[k]).all()), k
+        assert bool(((split_10[k].float() - exported[k].to(torch.bfloat16).float()).abs() <= ulp[k]).all()), k
+    assert float_masters(model).keys() == reference.keys()
+    naive = site(rounds, None)  # each round added in bf16: small updates round away
+    update = sum(float((reference[k] - w0[k]).norm()) for k in w0)
+    lost = sum(float((naive[k].float() - reference[k]).norm()) for k in w0)
+    assert lost > 0.2 * update, (lost, update)
+
+
+def test_bf16_merge_refuses_overflow_without_touching_weights(gen):
+    state = make_state(2, gen, {"base_model.model.proj": (4, 4)})
+    weights = {"proj.weight": torch.full((4, 4), 3e38).to(torch.bfloat16)}
+    masters = {}
+    before = weights["proj.weight"].clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_lora_into(weights, {k: v * 1e20 for k, v in state.items()}, masters=masters)
+    assert torch.equal(weights["proj.weight"], before) and not masters
 
 
 # --- validation --------------------------------------------------------------------------------

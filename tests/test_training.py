@@ -94,6 +94,40 @@ def test_reset_lora_is_deterministic(peft_model):
     assert all(v.abs().sum() == 0 for k, v in again.items() if "lora_B" in k)
 
 
+def test_zero_pad_sites_start_from_one_matrix_and_install_their_own_modules(tiny_model_dir):
+    """HetLoRA: every site's fresh A is a prefix of one matrix per module whatever its rank and
+    module set; after a zero-pad round a site with fewer modules installs only its own, and a
+    module one site adapts is that site's update (weights normalised over the module's sites)."""
+    from flare_lora.components.algorithms.averaging import zero_pad
+    from flare_lora.components.strategies import get_method
+
+    def site(rank, modules):
+        model, _ = load_model_and_tokenizer(tiny_model_dir)
+        return add_lora(model, SiteConfig(rank=rank, alpha=2.0 * rank, target_modules=modules), "s")
+
+    small, big = site(2, ["q_proj"]), site(8, ["q_proj", "v_proj"])
+    for model in (small, big):
+        reset_lora(model, 11)
+    s_state, b_state = lora_state(small), lora_state(big)
+    a_keys = [k for k in b_state if k.endswith("lora_A.weight")]
+    assert any("v_proj" in k for k in a_keys) and all(k in s_state for k in a_keys if "q_proj" in k)
+    for key in a_keys:
+        if key in s_state:
+            assert torch.equal(s_state[key], b_state[key][:2]), key
+
+    generator = torch.Generator().manual_seed(0)
+    trained = [{k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in st.items()}
+               for st in (s_state, b_state)]
+    glob = zero_pad(trained, [1.0, 3.0], [2.0, 2.0])
+    v_key = next(k for k in a_keys if "v_proj" in k)
+    torch.testing.assert_close(glob[v_key], trained[1][v_key])  # p = 1 over the one site with v_proj
+    method = get_method("zero_pad")
+    method.install(small, glob, 1, seed=0)  # v_proj is not the small site's: not installed, no error
+    assert lora_state(small).keys() == s_state.keys()
+    method.install(big, glob, 1, seed=0)
+    torch.testing.assert_close(lora_state(big)[v_key], trained[1][v_key])
+
+
 def test_load_lora_state_is_strict(peft_model):
     model, _ = peft_model
     state = lora_state(model)

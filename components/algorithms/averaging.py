@@ -58,16 +58,19 @@ def zero_pad(
     """HetLoRA-style aggregation: zero-pad every site to the module's largest rank, then average.
 
     Per module, A_g = Σ p_k pad(A_k) with zero rows to (r_max, in) and B_g = Σ p_k pad(s_k B_k)
-    with zero columns to (out, r_max); the global pair is applied with scaling 1. A site of rank
-    r_k and scaling s_k installs A_g[:r_k] and B_g[:, :r_k] / s_k, truncating the rest. Unlike
-    stacking, B_g A_g != Σ p_k s_k B_k A_k in general (cross terms p_j p_k s_k B_k A_j appear).
+    with zero columns to (out, r_max), p normalised over the sites that adapt the module (else a
+    module one site adapts would be scaled by p² through A and B); the global pair is applied with
+    scaling 1. A site of rank r_k and scaling s_k installs A_g[:r_k] and B_g[:, :r_k] / s_k,
+    truncating the rest. Unlike stacking, B_g A_g != Σ p_k s_k B_k A_k in general (cross terms
+    p_j p_k s_k B_k A_j appear).
     """
     if len(scalings) != len(states):
         raise ValueError(f"got {len(scalings)} scalings for {len(states)} sites")
-    p = normalize_weights(weights, len(states))
+    normalize_weights(weights, len(states))  # rejects negative, all-zero or mis-sized weights
     dtype = common_float_dtype(states)
     out: dict[str, Tensor] = {}
     for prefix, members in group_modules(states).items():
+        p = dict(zip([k for k, _, _ in members], _member_weights(weights, members), strict=True))
         a0, b0 = members[0][1], members[0][2]
         r_max = max(a.shape[0] for _, a, _ in members)
         a_g = torch.zeros(r_max, a0.shape[1], dtype=dtype, device=a0.device)
@@ -78,3 +81,9 @@ def zero_pad(
         out[prefix + LORA_A_SUFFIX] = a_g
         out[prefix + LORA_B_SUFFIX] = b_g
     return out
+
+
+def _member_weights(weights: Sequence[float], members) -> list[float]:
+    """The weights of a module's sites normalised among them (uniform when all of them are 0)."""
+    own = [float(weights[k]) for k, _, _ in members]
+    return normalize_weights(own if sum(own) > 0 else [1.0] * len(own), len(own))

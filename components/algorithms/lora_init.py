@@ -13,7 +13,7 @@ import hashlib
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX
 
@@ -24,9 +24,18 @@ def module_seed(seed: int, prefix: str) -> int:
 
 
 def fresh_lora_a(seed: int, prefix: str, shape: tuple[int, int]) -> Tensor:
-    """Module ``prefix``'s initial A (rank, in), float32, as PEFT draws it (kaiming-uniform, a=√5)."""
+    """Module ``prefix``'s initial A (rank, in), float32, as PEFT draws it (kaiming-uniform, a=√5).
+
+    Drawn one row at a time from the module's generator, so a rank-r A is the first r rows of every
+    larger rank's A: zero-padding sites of different ranks start from slices of one matrix.
+    """
+    rank, fan_in = shape
     generator = torch.Generator().manual_seed(module_seed(seed, prefix))
-    return nn.init.kaiming_uniform_(torch.empty(tuple(shape)), a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming-uniform with a=√5: gain √(1/3), bound √3·gain/√fan_in
+    a = torch.empty(rank, fan_in)
+    for row in a:
+        row.uniform_(-bound, bound, generator=generator)
+    return a
 
 
 def fresh_factor(seed: int, key: str, shape: tuple[int, ...]) -> Tensor | None:

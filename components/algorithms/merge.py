@@ -3,6 +3,10 @@
 FLoRA sites fold every stacked round into their base weights in round order. Merging is
 deterministic elementwise work, so a site that catches up on missed rounds ends bit-identical to
 one that merged them as they came, which `weights_digest` lets the server verify.
+
+A base below float32 (bf16 sites) would round each round's small update away when added in its
+own dtype, so such a weight gets a float32 master copy (``masters``): every merge adds to the
+master and the weight becomes ``cast(W0 + Σ ΔW)``, one rounding whatever the number of rounds.
 """
 
 from __future__ import annotations
@@ -34,12 +38,17 @@ def lora_delta(state: Mapping[str, Tensor], scaling: float = 1.0) -> dict[str, T
 
 @torch.no_grad()
 def merge_lora_into(
-    weights: MutableMapping[str, Tensor], state: Mapping[str, Tensor], scaling: float = 1.0
+    weights: MutableMapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    scaling: float = 1.0,
+    masters: MutableMapping[str, Tensor] | None = None,
 ) -> None:
     """In place, W += scaling * B @ A for every module (works on a model's named_parameters()).
 
-    All or nothing: every module is checked first (the weight exists, shapes match, W + delta is
-    finite in W's dtype), so a bad global never leaves a site with half-merged or inf weights.
+    A weight below float32 is accumulated in ``masters`` (its float32 master, created from W on
+    first merge) and set to the master cast to W's dtype; without ``masters`` it is added in its
+    own dtype. All or nothing: every module is checked first (the weight exists, shapes match, the
+    result is finite in W's dtype), so a bad global never leaves a site with half-merged or inf weights.
     """
     deltas = lora_delta(state, scaling)
     for name, delta in deltas.items():
@@ -50,19 +59,36 @@ def merge_lora_into(
             raise ValueError(
                 f"{name}: weight shape {tuple(w.shape)}, LoRA delta {tuple(delta.shape)}"
             )
-        if not bool(torch.isfinite(w + delta.to(device=w.device, dtype=w.dtype)).all()):
+        deltas[name] = delta = delta.to(w.device)
+        if masters is not None and w.dtype != torch.float32:
+            new = ((masters[name] if name in masters else w.float()) + delta).to(w.dtype)
+        else:
+            new = w + delta.to(w.dtype)
+        if not bool(torch.isfinite(new).all()):
             raise ValueError(f"{name}: merging its LoRA delta would make the weight non-finite")
     for name, delta in deltas.items():
         w = weights[name]
-        w.add_(delta.to(device=w.device, dtype=w.dtype))
+        if masters is not None and w.dtype != torch.float32:
+            master = masters.setdefault(name, w.float())
+            w.copy_(master.add_(delta))
+        else:
+            w.add_(delta.to(w.dtype))
+
+
+def float_masters(model) -> dict[str, Tensor]:
+    """The float32 masters of ``model``'s merged weights, kept on the model object itself so they
+    live exactly as long as the weights they shadow (a restarted site rebuilds them by catching up)."""
+    return model.__dict__.setdefault("_flare_lora_float_masters", {})
 
 
 def merge_rounds_into(
-    weights: MutableMapping[str, Tensor], rounds: Sequence[Mapping[str, Tensor]]
+    weights: MutableMapping[str, Tensor],
+    rounds: Sequence[Mapping[str, Tensor]],
+    masters: MutableMapping[str, Tensor] | None = None,
 ) -> None:
     """Merge stacked rounds in order, each with scaling 1 (how sites catch up on missed rounds)."""
     for state in rounds:
-        merge_lora_into(weights, state)
+        merge_lora_into(weights, state, masters=masters)
 
 
 def weights_digest(weights: Mapping[str, Tensor]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from peft import get_peft_model_state_dict
 from torch import Tensor
 
 from flare_lora.components.algorithms.averaging import fedit, zero_pad
@@ -19,7 +20,7 @@ from flare_lora.components.algorithms.consensus_divergence import (
     fedcdd_aggregate,
 )
 from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, InvalidUpdate
-from flare_lora.components.algorithms.merge import merge_rounds_into
+from flare_lora.components.algorithms.merge import float_masters, merge_rounds_into
 from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
 from flare_lora.components.algorithms.stacking import concat_lora, stack_lora
 from flare_lora.components.strategies.base import SiteUpdate, check_one_scaling, pack_rounds, unpack_rounds
@@ -57,7 +58,8 @@ class FLoRA:
         """Merge the rounds a site lacks into its base weights, then start a fresh LoRA.
 
         New rounds must continue at ``merged_rounds``; every site adds the same factors in the same
-        order, so all sites end with bit-identical base weights. Returns the new merged count.
+        order, so all sites end with bit-identical base weights; a bf16/fp16 base is accumulated in
+        float32 (merge.py), so it holds cast(W0 + Σ ΔW). Returns the new merged count.
         """
         # rounds the site already merged (its last report got lost) are skipped, not re-added
         rounds = {r: s for r, s in unpack_rounds(params).items() if r >= merged_rounds}
@@ -67,7 +69,7 @@ class FLoRA:
         for state in rounds.values():
             if state:
                 check_linear_modules(peft_model, state)
-        merge_rounds_into(base_weights(peft_model), [s for s in rounds.values() if s])
+        merge_rounds_into(base_weights(peft_model), [s for s in rounds.values() if s], float_masters(peft_model))
         reset_lora(peft_model, seed)
         return merged_rounds + len(rounds)
 
@@ -105,12 +107,14 @@ class _Averaging:
 
     @staticmethod
     def local_state(global_state: Mapping[str, Tensor], peft_model) -> dict[str, Tensor]:
-        """A site of rank r and scaling s installs A_g[:r] and B_g[:, :r] / s (s folded into B)."""
+        """A site of rank r and scaling s installs A_g[:r] and B_g[:, :r] / s (s folded into B), for
+        the modules it adapts itself (other sites may adapt more)."""
         cfg = peft_model.peft_config["default"]
         rank, scaling = cfg.r, cfg.lora_alpha / cfg.r
+        own = get_peft_model_state_dict(peft_model).keys()
         return {
             k: (v[:rank].clone() if k.endswith(LORA_A_SUFFIX) else v[:, :rank] / scaling)
-            for k, v in global_state.items()
+            for k, v in global_state.items() if k in own
         }
 
 
