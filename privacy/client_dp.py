@@ -52,7 +52,8 @@ def clip_update(update: Mapping[str, Tensor], clip: float) -> dict[str, Tensor]:
 
 def privatize(result: Mapping[str, Tensor], reference: Mapping[str, Tensor], clip: float, sigma: float,
               generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """reference + clip(result − reference, C) + N(0, σ²C²) per entry, in float32, keys of ``result``.
+    """reference + clip(result − reference, C) + N(0, σ²C²) per entry, in float32, keys of ``result``,
+    on the result's device (the noise too, drawn with ``generator``, which must live there).
 
     Every key of ``result`` needs a reference tensor of the same shape (ValueError otherwise).
     """
@@ -61,10 +62,10 @@ def privatize(result: Mapping[str, Tensor], reference: Mapping[str, Tensor], cli
     if missing or mismatched:
         raise ValueError(f"update reference does not match the update: missing {missing[:3]}, "
                          f"shape mismatches {mismatched[:3]}")
-    delta = {k: result[k].float() - reference[k].float() for k in result}
-    clipped = clip_update(delta, clip)
+    start = {k: reference[k].to(result[k].device, torch.float32) for k in result}
+    clipped = clip_update({k: result[k].float() - start[k] for k in result}, clip)
     return {
-        k: reference[k].float() + d + torch.randn(d.shape, generator=generator) * (sigma * clip)
+        k: start[k] + d + torch.randn(d.shape, generator=generator, device=d.device) * (sigma * clip)
         for k, d in clipped.items()
     }
 

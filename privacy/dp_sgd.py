@@ -7,11 +7,12 @@ gradient to ``dp_max_grad_norm`` C and adds N(0, σ²C²) to the sum (Opacus' ``
 the optimizer then divides by the expected batch qN. Micro-batches of at most batch_size records
 accumulate clipped sums; the noise is added once per step.
 
-Accounting: every round is charged to the site's :class:`~flare_lora.privacy.ledger.PrivacyLedger` *before*
-it trains (σ, q, steps); ε is Opacus' RDP or PRV accountant over the whole ledger, so it
+Accounting: every step is charged to the site's :class:`~flare_lora.privacy.ledger.PrivacyLedger` just
+before its noise is drawn (σ, q, 1), so the ledger holds the steps that ran; ε is Opacus' RDP or PRV accountant over the whole ledger, so it
 accumulates across rounds, jobs and restarts. σ comes from ``dp_noise_multiplier`` or from the
-target ``dp_epsilon`` over ``dp_planned_steps`` (Opacus' ``get_noise_multiplier``). A round that
-would take the ledger past a budget is refused before it trains: the job's ``dp_epsilon_max`` (at the
+target ``dp_epsilon`` over ``dp_planned_steps`` (Opacus' ``get_noise_multiplier``). A round whose
+steps would take the ledger past a budget is refused before it trains (and a step, should another job
+have spent meanwhile): the job's ``dp_epsilon_max`` (at the
 job's δ and accountant) and the site admin's ``dp_epsilon_max`` in ``local/flare_lora.json``
 (components/site_local.py), charged at the site's own ``dp_delta`` / ``dp_accountant``; where the site
 sets none, at δ = min(the job's, 1e-5) with RDP (the larger ε of the two accountants), never at a
@@ -141,9 +142,9 @@ class DPSGD:
         }
 
     def session(self, model, optimizer, num_records: int, cfg: SiteConfig) -> _Session:
-        """One private round of ``cfg.local_steps`` steps: refuses past the budget, attaches Opacus
-        to ``model``'s trainable parameters until closed, and charges the whole round to the ledger
-        just before the first parameter update."""
+        """One private round of ``cfg.local_steps`` steps: refuses a round that would pass the budget,
+        attaches Opacus to ``model``'s trainable parameters until closed, and charges each step to the
+        ledger just before its noise is drawn."""
         if num_records != self.num_records:
             raise ValueError(f"site {self.site!r}: DP-SGD was set up for {self.num_records} records, got {num_records}")
         release = (self.noise_multiplier, self.sample_rate, cfg.local_steps)
@@ -158,14 +159,14 @@ class DPSGD:
         return _Session(self, model, optimizer, cfg)
 
     def charge(self, steps: int, seed: int) -> None:
-        """Charge the round, checked against every budget on the ledger as it is now (another job at
+        """Charge ``steps`` steps, checked against every budget on the ledger as it is now (another job at
         this site may have charged since the session began)."""
         def within(history) -> None:
             for budget in self.budgets:
                 after = epsilon(history, budget.delta, budget.accountant)
                 if after > budget.limit:
                     raise PrivacyBudgetExceeded(
-                        f"site {self.site!r}: key 'dp_epsilon_max': this round's {steps} DP steps would spend "
+                        f"site {self.site!r}: key 'dp_epsilon_max': {steps} more DP step(s) would spend "
                         f"ε={after:.3f} at δ={budget.delta:g} > budget {budget.limit:g} ({budget.source}; the "
                         "ledger grew since the round began); refusing to train")
 
@@ -193,7 +194,13 @@ class _Session:
                                 f"the trainable layers: {e}; refusing to train without DP") from e
         seeds = [secrets.randbits(63), secrets.randbits(63)] if dp.noise_seed is None else [
             hash((dp.noise_seed, cfg.seed, k)) & (2**63 - 1) for k in range(2)]
-        noise, sampling = (torch.Generator().manual_seed(s) for s in seeds)
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:
+            raise DPUnsupported(f"site {dp.site!r}: DP-SGD needs every trainable parameter on one device, got "
+                                f"{sorted(map(str, devices))}; refusing to train without DP")
+        # Opacus draws each step's noise like the parameters it is added to: on their device
+        noise = torch.Generator(device=devices.pop()).manual_seed(seeds[0])
+        sampling = torch.Generator().manual_seed(seeds[1])  # record indices are drawn on the CPU
         optimizer_cls = DPOptimizerFastGradientClipping if self.fast else DPOptimizer
         self.optimizer = optimizer_cls(
             optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
@@ -211,7 +218,7 @@ class _Session:
             raise DPUnsupported(f"site {self.dp.site!r}: Opacus ({self.dp.clipping}) cannot compute per-record "
                                 f"gradients of the trainable layers: {error}; refusing to train without DP") from error
         if kind is None and self.noisy_steps != self.steps:
-            raise RuntimeError(f"DP-SGD: {self.noisy_steps} noisy steps taken, {self.steps} charged")
+            raise RuntimeError(f"DP-SGD: {self.noisy_steps} noisy steps taken of the round's {self.steps}")
 
     def close(self) -> None:
         """Detach Opacus: the model is plain again (evaluation, export, the next round)."""
@@ -242,9 +249,10 @@ class _Session:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        """Noise the step's clipped sum once, divide by the expected batch, take the optimizer step."""
-        if self.noisy_steps == 0:  # before anything the data shaped can change the model
-            self.dp.charge(self.steps, self.seed)
+        """Charge this step, then noise the step's clipped sum once, divide by the expected batch and
+        take the optimizer step: the ledger holds the steps that ran (a step that fails after its
+        charge over-counts by one, never under-counts)."""
+        self.dp.charge(1, self.seed)
         for p in self.params:  # an empty contribution closes the step (Opacus' empty-batch path)
             if self.fast:
                 p.grad = torch.zeros_like(p)

@@ -33,8 +33,21 @@ def epsilon(history: list[Release], delta: float, accountant: str = "rdp") -> fl
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = _merge_runs(history)
     return float(acc.get_epsilon(delta=delta))
+
+
+def _merge_runs(history: list[Release]) -> list[Release]:
+    """Consecutive releases with one (σ, q) as one entry, as Opacus' own ``step()`` records them (a
+    round is charged step by step): the same ε, computed in time independent of the step count."""
+    runs: list[Release] = []
+    for s, q, n in history:
+        s, q, n = float(s), float(q), int(n)
+        if runs and runs[-1][:2] == (s, q):
+            runs[-1] = (s, q, runs[-1][2] + n)
+        else:
+            runs.append((s, q, n))
+    return runs
 
 
 class PrivacyLedger:

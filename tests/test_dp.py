@@ -67,7 +67,28 @@ def test_reported_epsilon_equals_opacus_accountant_across_rounds_and_restarts(si
     # a restarted site reads the same ledger back: same spent budget
     again = DPSGD(cfg, len(RECORDS), site="site-1", ledger=PrivacyLedger(str(ledger)))
     assert again.spent == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
-    assert len(ledger.read_text().splitlines()) == rounds  # one journal line per round
+    assert len(ledger.read_text().splitlines()) == rounds * cfg.local_steps  # one journal line per step
+
+
+def test_ledger_holds_the_steps_that_ran_and_noise_is_drawn_on_the_parameters_device(site, tmp_path):
+    """Each step is charged just before its noise: when another job at the site spends the budget
+    mid-round, the round stops at the refused step and the ledger holds only the steps taken. The
+    noise generator lives on the parameters' device (a CPU generator fails on CUDA parameters)."""
+    model, _ = site
+    path = str(tmp_path / "ledger.jsonl")
+    cfg = dp_config(local_steps=3)
+    cfg = dp_config(local_steps=3, dp_epsilon_max=DPSGD(cfg, len(RECORDS)).epsilon_after(3) * 1.01)
+    dp = DPSGD(cfg, len(RECORDS), site="site-1", ledger=PrivacyLedger(path))
+    params = [p for p in model.parameters() if p.requires_grad]
+    session = dp.session(model, torch.optim.SGD(params, lr=0.1), len(RECORDS), cfg)
+    assert session.optimizer.generator.device == params[0].device
+    with pytest.raises(PrivacyBudgetExceeded, match="site 'site-1'.*1 more DP step.*ledger grew"):
+        with session:
+            session.step()  # a noisy step (no record sampled): charged, then taken
+            PrivacyLedger(path).charge(dp.noise_multiplier, dp.sample_rate, 500, site="other job")
+            session.step()
+    assert [e["steps"] for e in PrivacyLedger(path).entries] == [1, 500]
+    assert session.noisy_steps == 1
 
 
 def test_target_epsilon_sets_sigma_over_the_planned_steps():

@@ -16,7 +16,8 @@ free text nor the record count pass. A job's rank and alpha are pinned at its fi
 
 Fails closed: a weights result it cannot privatise (no reference, a DXO kind it does not know, a
 spent budget) raises, so FLARE answers TASK_RESULT_FILTER_ERROR and nothing is sent. Each release
-is charged before it is sent to the site's ledger (``flare_lora_privacy/client_dp.jsonl``), so ε
+is charged to the site's ledger (``flare_lora_privacy/client_dp.jsonl``) once its noise is drawn
+(on the update's device) and before it is sent, so a release that fails is not charged and ε
 accumulates across rounds, jobs and restarts.
 """
 
@@ -303,12 +304,17 @@ class ClientDPFilter(DXOFilter):
 
         rnd = info.get("round", self._calls)  # the task's round, not what the result says
         self._calls += 1
-        ledger.charge(*release(self.sigma), check=within, site=site, round=rnd, job=fl_ctx.get_job_id(), clip=self.clip)
+        devices = {t.device for t in tensors.values()}
+        if len(devices) > 1:
+            raise ValueError(f"client DP at {site!r}: the result's tensors are on {sorted(map(str, devices))}, "
+                             "expected one device; not sending it")
         seed = secrets.randbits(63) if self.seed is None else int.from_bytes(
             hashlib.sha256(f"{self.seed}|{site}|{rnd}".encode()).digest()[:8], "big") >> 1
-        generator = torch.Generator().manual_seed(seed)
-        change = update_norm({k: tensors[k].float() - reference[k] for k in tensors})
+        generator = torch.Generator(device=devices.pop() if devices else "cpu").manual_seed(seed)
+        change = update_norm({k: tensors[k].float() - reference[k].to(tensors[k].device) for k in tensors})
         noisy = privatize(tensors, reference, self.clip, self.sigma, generator)
+        # charged once the noisy release exists and before it leaves: a failure above charges nothing
+        ledger.charge(*release(self.sigma), check=within, site=site, round=rnd, job=fl_ctx.get_job_id(), clip=self.clip)
         # rebuilt, not edited: sorted entries, float32, the reference's shapes
         dxo.data = {k: (noisy[k].numpy() if info.get("numpy") else noisy[k]) for k in sorted(noisy)}  # as the task came
         spent = ledger.epsilon(self.delta, self.accountant)
