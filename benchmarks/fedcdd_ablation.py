@@ -161,7 +161,7 @@ def norm_gain(states: list[dict], weights: list[int]) -> dict:
 
 def run_row(args, model_dir, data, seed: int, row: str) -> dict:
     name, options, masked = ROWS[row]
-    method = get_method(name, **options)
+    method = get_method(name, **({**options, "shrink": args.shrink} if name == "fedcdd" else options))
     sites = []
     for k in range(3):
         model, tokenizer = load_model_and_tokenizer(model_dir)
@@ -261,6 +261,9 @@ def parse_args(argv=None):
     for key, value in PRESETS["full"].items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
     p.add_argument("--dirichlet", type=float, default=0.5, help="label-skew alpha (full mode)")
+    p.add_argument("--shrink", choices=["cancellation", "agreement", "none"], default="cancellation",
+                   help="FedCDD's consensus guard (docs/fedcdd.md step 6); the documented tables used none; "
+                        "use a fresh --out when changing it")
     p.add_argument("--mask-rho", type=float, default=0.5)
     p.add_argument("--mask-sigma", type=float, default=1e-3)
     p.add_argument("--no-share-round0", dest="share_round0", action="store_false",

@@ -70,11 +70,44 @@ def test_both_steps_off_is_exactly_fedit_and_full_differs():
     reference = fedit(states, weights)
     for key in reference:
         torch.testing.assert_close(plain[key], reference[key], rtol=1e-5, atol=1e-6)
-    full = fedcdd_aggregate(states, weights, weighting="data")
+    full = fedcdd_aggregate(states, weights, weighting="data", shrink="none")
     # consensus keeps the mean column norm; averaging shrinks it when directions disagree
     mean_norm = sum(w / 100 * torch.linalg.vector_norm(s[A_KEY], dim=0) for w, s in zip(weights, states))
     torch.testing.assert_close(torch.linalg.vector_norm(full[A_KEY], dim=0), mean_norm, rtol=1e-5, atol=1e-6)
     assert torch.all(torch.linalg.vector_norm(reference[A_KEY], dim=0) < mean_norm)
+    # the default guard keeps it wherever the directions do not cancel (weighted cosines >= 0)
+    guarded = fedcdd_aggregate(states, weights, weighting="data")
+    norms = torch.linalg.vector_norm(guarded[A_KEY], dim=0)
+    assert torch.all(norms <= mean_norm * (1 + 1e-6)) and bool((norms < mean_norm * 0.999).any())
+    agreement = torch.linalg.vector_norm(fedcdd_aggregate(states, weights, weighting="data", shrink="agreement")[A_KEY], dim=0)
+    assert torch.all(agreement <= norms * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("variant", [(True, True), (True, False)])
+def test_nearly_cancelling_sites_give_a_column_as_small_as_fedit(variant):
+    """Two sites whose updates nearly cancel: the consensus magnitude is shrunk with the
+    cancellation (norms ~1e-6 like FedIT's mean), not kept at the sites' mean length (~4)."""
+    a = state(3)
+    b = {k: -v + 1e-6 * torch.randn(v.shape, generator=torch.Generator().manual_seed(4)) for k, v in a.items()}
+    mean = fedit([a, b], [1, 1])
+    kept = fedcdd_aggregate([a, b], [1, 1], shrink="none", consensus=variant[0], divergence=variant[1])
+    out = fedcdd_aggregate([a, b], [1, 1], consensus=variant[0], divergence=variant[1])
+    for key in (A_KEY, B_KEY):
+        assert float(kept[key].norm()) > 1.0
+        assert float(out[key].norm()) < 10 * float(mean[key].norm()) + 1e-6
+
+
+def test_huge_finite_updates_stay_finite_or_are_refused():
+    """Entries of 3e19 square past float32's range: the norms run in float64, the result is finite;
+    a result beyond float32 is refused naming the key."""
+    big = [state(k, scale=3e19) for k in range(3)]
+    out = fedcdd_aggregate(big, [1, 1, 1])
+    assert finite(out) and float(out[A_KEY].abs().max()) > 1e19
+    huge = [{k: v.double() * 1e100 for k, v in state(j).items()} for j in range(2)]
+    assert finite(fedcdd_aggregate(huge, [1, 1]))  # float64 sites aggregate in float64
+    with pytest.raises(ValueError, match="lora_[AB].weight: the FedCDD aggregate is not finite in torch.float32"):
+        fedcdd_aggregate([{k: v * 1e38 for k, v in state(j).items()} for j in range(2)] , [1, 1], shrink="none",
+                         scalings=[100.0, 100.0])
 
 
 def duplicate_sites():
@@ -283,15 +316,15 @@ def test_recipe_validates_options_and_adds_the_site_filter(tmp_path):
 @pytest.mark.e2e
 def test_fedcdd_job_with_options_and_noise_mask_end_to_end(tmp_path, tiny_model_dir):
     """The real FLARE simulator: FedCDD on the server with --fedcdd-* options reaching the strategy
-    (consensus variant, delta target, mixed ranks), and the noise-mask filter on every site."""
+    (consensus variant, delta target, agreement shrink, mixed ranks), and the noise-mask filter on every site."""
     from safetensors.torch import load_file
 
     from flare_lora.components.report import load_metrics
 
     results = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "nvflare_jobs" / "fedcdd" / "job.py"), "--method", "fedcdd"]
-    cmd += ["--fedcdd-variant", "consensus", "--fedcdd-target", "delta", "--ranks", "2,4,4"]
-    cmd += ["--mask-rho", "0.5", "--mask-sigma", "0.01", "--model", str(tiny_model_dir)]
+    cmd += ["--fedcdd-variant", "consensus", "--fedcdd-target", "delta", "--fedcdd-shrink", "agreement"]
+    cmd += ["--ranks", "2,4,4", "--mask-rho", "0.5", "--mask-sigma", "0.01", "--model", str(tiny_model_dir)]
     cmd += ["--rounds", "2", "--steps", "2", "--batch-size", "2", "--threads", "1"]
     cmd += ["--workspace", str(tmp_path / "ws"), "--results", str(results)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -299,7 +332,7 @@ def test_fedcdd_job_with_options_and_noise_mask_end_to_end(tmp_path, tiny_model_
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     log = load_metrics(results / "metrics.json")
     assert log["method"] == "fedcdd" and len(log["rounds"]) == 2
-    assert log["method_options"] == {"variant": "consensus", "target": "delta"}
+    assert log["method_options"] == {"variant": "consensus", "target": "delta", "shrink": "agreement"}
     assert all(sorted(r["aggregated"]) == ["site-1", "site-2", "site-3"] for r in log["rounds"])
     for entry in log["final"]["sites"].values():
         assert math.isfinite(entry["metrics"]["eval_loss"])

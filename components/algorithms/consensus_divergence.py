@@ -28,7 +28,16 @@ Per LoRA matrix θ_k of site k (one matrix at a time: each lora_A, each lora_B, 
    ``"none"``: w_k = p_k.
 5. Divergence direction: D = Σ_k w_k V_k, renormalised per column: U[:, j] = D[:, j] / ‖D[:, j]‖
    (a column where D is zero — all sites zero there, or exact cancellation — stays zero).
-6. Result: θ_g = M̄ ⊙ U.
+6. Result: θ_g = (M̄ ⊙ g) ⊙ U, where g guards against cancelling directions (``shrink``):
+   ``"cancellation"`` (default): g_j = min(1, ‖D[:, j]‖ / √(Σ_k w_k² [V_k[:, j] ≠ 0])), which is
+   1 unless the sites' directions on column j cancel more than unrelated directions would (their
+   weighted mean cosine is negative), and → 0 as they cancel exactly: two sites whose updates
+   nearly cancel get a column about as small as FedIT's, not the full mean length.
+   ``"agreement"``: g_j = ‖D[:, j]‖ / Σ_k w_k [V_k[:, j] ≠ 0] ∈ [0, 1] (1 only for equal
+   directions; unrelated directions shrink like FedIT's mean). ``"none"``: g = 1 (the consensus
+   magnitude whatever the agreement; what docs/fedcdd.md's ablation measured).
+   Applied wherever the consensus magnitude is used. The math runs in float64 (norms of entries
+   ≳ 1e19 overflow float32) and a result that is not finite in the inputs' dtype is refused.
 
 Ablations (``consensus`` / ``divergence`` switches): with the consensus step off the magnitude is
 that of the plain weighted mean Σ p_k θ_k (FedIT's); with the divergence step off the direction is
@@ -56,12 +65,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, group_modules, normalize_weights
+from .lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, common_float_dtype, group_modules, normalize_weights
 
 AXES = ("column", "row")
 TARGETS = ("factors", "delta")
 WEIGHTINGS = ("uniform", "data")
 SIMILARITIES = ("uniqueness", "agreement", "none")
+SHRINKS = ("cancellation", "agreement", "none")
 DEFAULT_TEMPERATURE = 0.1
 
 
@@ -72,7 +82,7 @@ def _check_choice(key: str, value, choices: Sequence[str]) -> None:
 
 def check_options(
     *, temperature: float = DEFAULT_TEMPERATURE, weighting: str = "uniform", similarity: str = "uniqueness",
-    axis: str = "column", target: str = "factors", rank: int | None = None,
+    axis: str = "column", target: str = "factors", rank: int | None = None, shrink: str = "cancellation",
 ) -> None:
     """Raise ValueError naming the key for a bad option (used at job-config time too)."""
     ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
@@ -82,6 +92,7 @@ def check_options(
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("axis", axis, AXES)
     _check_choice("target", target, TARGETS)
+    _check_choice("shrink", shrink, SHRINKS)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"rank: expected an integer >= 1 or None, got {rank!r}")
 
@@ -113,8 +124,8 @@ def compose(norms: Tensor, directions: Tensor, axis: str = "column") -> Tensor:
 
 
 def _work(t: Tensor) -> Tensor:
-    """Compute in float32 (float64 stays float64): half precision loses small norms."""
-    return t if t.dtype == torch.float64 else t.float()
+    """Compute in float64: half precision loses small norms, float32 norms overflow past ~1e19."""
+    return t.double()
 
 
 def _unit(tensor: Tensor, axis: str) -> Tensor:
@@ -174,16 +185,16 @@ def aggregate_matrix(
     axis: str = "column",
     consensus: bool = True,
     divergence: bool = True,
+    shrink: str = "cancellation",
 ) -> tuple[Tensor, Tensor]:
-    """Steps 1-6 for one matrix. Returns (θ_g, direction weights w used in step 5).
+    """Steps 1-6 for one matrix, in float64. Returns (θ_g, direction weights w used in step 5).
 
     ``prior`` must already be normalised (sum 1). With both switches off the result is the
     weighted mean Σ p_k θ_k (FedIT).
     """
+    _check_choice("shrink", shrink, SHRINKS)
     p = torch.as_tensor(list(prior), dtype=torch.float64)
     thetas = [_work(t) for t in tensors]
-    if len({t.dtype for t in thetas}) > 1:
-        thetas = [t.double() for t in thetas]
     parts = [decompose(t, axis) for t in thetas]
     mean = None
     if not (consensus and divergence):
@@ -192,14 +203,28 @@ def aggregate_matrix(
         magnitude = sum(float(pk) * m for pk, (m, _) in zip(p, parts))
     else:
         magnitude = decompose(mean, axis)[0]
+    dirs = [v for _, v in parts]
     if divergence:
-        dirs = [v for _, v in parts]
         w = direction_weights(direction_similarity(dirs, axis), p, temperature, similarity)
         direction = _unit(sum(float(wk) * v for wk, v in zip(w, dirs)), axis)
     else:
         w = p
         direction = _unit(mean, axis)
+    if consensus and shrink != "none":
+        magnitude = magnitude * _agreement(dirs, w, axis, shrink)
     return compose(magnitude, direction, axis), w.to(torch.float32)
+
+
+def _agreement(dirs: Sequence[Tensor], w: Tensor, axis: str, shrink: str) -> Tensor:
+    """Per column, the guard g of step 6 from the sites' unit directions and weights w."""
+    dim = _dim(axis)
+    combined = torch.linalg.vector_norm(sum(float(wk) * v for wk, v in zip(w, dirs)), dim=dim)
+    present = [(v != 0).any(dim=dim).double() for v in dirs]
+    if shrink == "agreement":
+        scale = sum(float(wk) * m for wk, m in zip(w, present))
+    else:  # cancellation: against what unrelated directions would give
+        scale = torch.sqrt(sum(float(wk) ** 2 * m for wk, m in zip(w, present)))
+    return torch.where(scale > 0, (combined / scale.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(scale))
 
 
 def _svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -231,8 +256,10 @@ def fedcdd_aggregate(
     rank: int | None = None,
     consensus: bool = True,
     divergence: bool = True,
+    shrink: str = "cancellation",
 ) -> dict[str, Tensor]:
-    """FedCDD over PEFT LoRA state dicts; the global is applied with scaling 1.
+    """FedCDD over PEFT LoRA state dicts; the global is applied with scaling 1, in float32 (float64
+    for float64 sites; ValueError naming the module where it would not be finite).
 
     Args:
         states: one PEFT LoRA state dict per site.
@@ -244,12 +271,13 @@ def fedcdd_aggregate(
         target: "factors" (A and B separately, equal ranks) or "delta" (ΔW_k, re-factorised).
         rank: global rank for target="delta" (default: the largest site rank of each module).
         consensus, divergence: the ablation switches; both False is FedIT.
+        shrink: the consensus magnitude's guard against cancelling directions (step 6).
 
     A site of rank r and scaling s installs A_g[:r] and B_g[:, :r] / s (as with zero-padding);
     for target="delta" that is the best rank-r part of ΔW_g, the SVD orders components.
     """
     check_options(temperature=temperature, weighting=weighting, similarity=similarity, axis=axis,
-                  target=target, rank=rank)
+                  target=target, rank=rank, shrink=shrink)
     n = len(states)
     if n == 0:
         raise ValueError("fedcdd_aggregate: no site states")
@@ -259,7 +287,8 @@ def fedcdd_aggregate(
     prior_all = normalize_weights([1.0] * n if weighting == "uniform" else weights, n)
     normalize_weights(weights, n)  # reject negative / mis-sized weights either way
     opts = dict(temperature=temperature, similarity=similarity, axis=axis, consensus=consensus,
-                divergence=divergence)
+                divergence=divergence, shrink=shrink)
+    dtype = torch.float64 if common_float_dtype(states) == torch.float64 else torch.float32
     out: dict[str, Tensor] = {}
     for prefix, members in group_modules(states).items():
         sites = [k for k, _, _ in members]
@@ -278,6 +307,9 @@ def fedcdd_aggregate(
             deltas = [scalings[k] * (_work(b) @ _work(a)) for k, a, b in members]
             delta_g, _ = aggregate_matrix(deltas, prior, **opts)
             a_g, b_g = _svd_factors(delta_g, rank or max(a.shape[0] for _, a, _ in members))
-        out[prefix + LORA_A_SUFFIX] = a_g.contiguous()
-        out[prefix + LORA_B_SUFFIX] = b_g.contiguous()
+        for key, value in ((prefix + LORA_A_SUFFIX, a_g), (prefix + LORA_B_SUFFIX, b_g)):
+            out[key] = value.to(dtype).contiguous()
+            if not bool(torch.isfinite(out[key]).all()):
+                raise ValueError(f"{key}: the FedCDD aggregate is not finite in {dtype} (the sites' updates "
+                                 "are too large); refusing it")
     return out

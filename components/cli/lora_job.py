@@ -18,7 +18,7 @@ from flare_lora.components.cli.recipe_args import build_sites, int_list, ranks, 
 from flare_lora.components.cli.runner import Job
 
 DEMO_RANKS = ("4,8,16", "8,8,8")  # without --sites / --ranks; FedCDD (factors) needs equal ranks
-FEDCDD_KEYS = ("variant", "temperature", "weighting", "similarity", "axis", "target")
+FEDCDD_KEYS = ("variant", "temperature", "weighting", "similarity", "axis", "target", "shrink")
 MASK_KEYS = ("sigma", "mode", "importance")  # besides rho, which switches the mask on
 
 
@@ -44,6 +44,8 @@ def add_fedcdd_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fedcdd-similarity", choices=["uniqueness", "agreement", "none"], default=None,
                    help="direction weights (default uniqueness: duplicate sites count once)")
     g.add_argument("--fedcdd-axis", choices=["column", "row"], default=None, help="decompose columns (default) or rows")
+    g.add_argument("--fedcdd-shrink", choices=["cancellation", "agreement", "none"], default=None,
+                   help="shrink the consensus magnitude where directions cancel (default), by agreement, or never")
     g.add_argument("--fedcdd-target", choices=["factors", "delta"], default=None,
                    help="A and B separately (default) or dW = s B A re-factorised by SVD (heterogeneous ranks)")
     g = p.add_argument_group("noise mask (site side, any method; NOT differential privacy)")

@@ -162,6 +162,7 @@ class FedCDDOptions:
     axis: str = "column"
     target: str = "factors"  # "factors" (one rank) | "delta" (ΔW = s B A re-factorised: any ranks)
     rank: int | None = None
+    shrink: str = "cancellation"  # the consensus magnitude's guard: "cancellation" | "agreement" | "none"
 
     def __post_init__(self):
         if self.variant not in FedCDD.VARIANTS:
