@@ -5,8 +5,9 @@ deterministic elementwise work, so a site that catches up on missed rounds ends 
 one that merged them as they came, which `weights_digest` lets the server verify.
 
 A base below float32 (bf16 sites) would round each round's small update away when added in its
-own dtype, so such a weight gets a float32 master copy (``masters``): every merge adds to the
-master and the weight becomes ``cast(W0 + Σ ΔW)``, one rounding whatever the number of rounds.
+own dtype, so such a weight gets a float32 master copy (``masters``, in host memory, not on the
+GPU): every merge adds to the master and the weight becomes ``cast(W0 + Σ ΔW)``, one rounding
+whatever the number of rounds.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def merge_lora_into(
 ) -> None:
     """In place, W += scaling * B @ A for every module (works on a model's named_parameters()).
 
-    A weight below float32 is accumulated in ``masters`` (its float32 master, created from W on
-    first merge) and set to the master cast to W's dtype; without ``masters`` it is added in its
+    A weight below float32 is accumulated in ``masters`` (its float32 master on the CPU, created
+    from W on first merge) and set to the master cast to W's dtype; without ``masters`` it is added in its
     own dtype. All or nothing: every module is checked first (the weight exists, shapes match, the
     result is finite in W's dtype), so a bad global never leaves a site with half-merged or inf weights.
     """
@@ -59,18 +60,19 @@ def merge_lora_into(
             raise ValueError(
                 f"{name}: weight shape {tuple(w.shape)}, LoRA delta {tuple(delta.shape)}"
             )
-        deltas[name] = delta = delta.to(w.device)
-        if masters is not None and w.dtype != torch.float32:
-            new = ((masters[name] if name in masters else w.float()) + delta).to(w.dtype)
+        if masters is not None and w.dtype != torch.float32:  # master and its sum on the CPU
+            deltas[name] = delta = delta.cpu()
+            new = ((masters[name] if name in masters else w.detach().float().cpu()) + delta).to(w.dtype)
         else:
+            deltas[name] = delta = delta.to(w.device)
             new = w + delta.to(w.dtype)
         if not bool(torch.isfinite(new).all()):
             raise ValueError(f"{name}: merging its LoRA delta would make the weight non-finite")
     for name, delta in deltas.items():
         w = weights[name]
         if masters is not None and w.dtype != torch.float32:
-            master = masters.setdefault(name, w.float())
-            w.copy_(master.add_(delta))
+            master = masters.setdefault(name, w.detach().float().cpu())
+            w.copy_(master.add_(delta).to(w.dtype))
         else:
             w.add_(delta.to(w.dtype))
 
