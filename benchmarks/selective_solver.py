@@ -29,8 +29,6 @@ import numpy as np
 
 from flare_lora.components.algorithms.layer_selection import normalize_scores, select_layers, upper_bound
 from flare_lora.components.algorithms.layer_solver import EXACT_WORK_LIMIT, exact_work, inconsistency, objective
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
 
 
 def instance(rng, n, k, b_max, with_costs):
@@ -99,6 +97,9 @@ def large_table(quick: bool, seed: int) -> list[dict]:
 def solve_milp(g, b, lam, cost, time_limit: float):
     """max Σ x·G − λ Σ_l t_l (N − t_l) exactly: x_il site i trains layer l, y_lt layer l has t sites.
     Returns (objective of HiGHS' best selection or None, proven upper bound, optimal?, seconds)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp  # scipy >= 1.9 (installed with opacus)
+    from scipy.sparse import coo_matrix
+
     n, k = g.shape
     nx = n * k
     t = np.arange(n + 1)

@@ -7,8 +7,9 @@ gradient to ``dp_max_grad_norm`` C and adds N(0, σ²C²) to the sum (Opacus' ``
 the optimizer then divides by the expected batch qN. Micro-batches of at most batch_size records
 accumulate clipped sums; the noise is added once per step.
 
-Accounting: every step is charged to the site's :class:`~flare_lora.privacy.ledger.PrivacyLedger` just
-before its noise is drawn (σ, q, 1), so the ledger holds the steps that ran; ε is Opacus' RDP or PRV accountant over the whole ledger, so it
+Accounting: steps are charged to the site's :class:`~flare_lora.privacy.ledger.PrivacyLedger` before
+their noise is drawn, in blocks of 1, 1, 2, 4, ... steps (σ, q, block), so a round that stops
+early is charged for at most twice the steps it ran, never fewer; ε is Opacus' RDP or PRV accountant over the whole ledger, so it
 accumulates across rounds, jobs and restarts. σ comes from ``dp_noise_multiplier`` or from the
 target ``dp_epsilon`` over ``dp_planned_steps`` (Opacus' ``get_noise_multiplier``). A round whose
 steps would take the ledger past a budget is refused before it trains (and a step, should another job
@@ -143,8 +144,8 @@ class DPSGD:
 
     def session(self, model, optimizer, num_records: int, cfg: SiteConfig) -> _Session:
         """One private round of ``cfg.local_steps`` steps: refuses a round that would pass the budget,
-        attaches Opacus to ``model``'s trainable parameters until closed, and charges each step to the
-        ledger just before its noise is drawn."""
+        attaches Opacus to ``model``'s trainable parameters until closed, and charges the steps to the
+        ledger before their noise is drawn (``_Session.step``)."""
         if num_records != self.num_records:
             raise ValueError(f"site {self.site!r}: DP-SGD was set up for {self.num_records} records, got {num_records}")
         release = (self.noise_multiplier, self.sample_rate, cfg.local_steps)
@@ -181,6 +182,10 @@ class _Session:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise DPUnsupported(f"site {dp.site!r}: DP-SGD found no trainable parameters")
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:  # checked before Opacus' hooks attach
+            raise DPUnsupported(f"site {dp.site!r}: DP-SGD needs every trainable parameter on one device, got "
+                                f"{sorted(map(str, devices))}; refusing to train without DP")
         self.fast = dp.clipping in ("ghost", "fast")
         try:
             if self.fast:
@@ -194,10 +199,6 @@ class _Session:
                                 f"the trainable layers: {e}; refusing to train without DP") from e
         seeds = [secrets.randbits(63), secrets.randbits(63)] if dp.noise_seed is None else [
             hash((dp.noise_seed, cfg.seed, k)) & (2**63 - 1) for k in range(2)]
-        devices = {p.device for p in self.params}
-        if len(devices) != 1:
-            raise DPUnsupported(f"site {dp.site!r}: DP-SGD needs every trainable parameter on one device, got "
-                                f"{sorted(map(str, devices))}; refusing to train without DP")
         # Opacus draws each step's noise like the parameters it is added to: on their device
         noise = torch.Generator(device=devices.pop()).manual_seed(seeds[0])
         sampling = torch.Generator().manual_seed(seeds[1])  # record indices are drawn on the CPU
@@ -207,7 +208,7 @@ class _Session:
             expected_batch_size=dp.sample_rate * dp.num_records, loss_reduction="mean", generator=noise)
         self.sampler = iter(UniformWithReplacementSampler(
             num_samples=dp.num_records, sample_rate=dp.sample_rate, generator=sampling, steps=cfg.local_steps))
-        self.noisy_steps = 0
+        self.noisy_steps = self.charged = 0
 
     def __enter__(self) -> _Session:
         return self
@@ -249,10 +250,14 @@ class _Session:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        """Charge this step, then noise the step's clipped sum once, divide by the expected batch and
-        take the optimizer step: the ledger holds the steps that ran (a step that fails after its
-        charge over-counts by one, never under-counts)."""
-        self.dp.charge(1, self.seed)
+        """Noise the step's clipped sum once, divide by the expected batch and take the optimizer step,
+        each step charged before its noise is drawn: in blocks of 1, 1, 2, 4, ... steps (each block at
+        most the steps already taken), so a round that stops early is charged for at most twice the
+        steps it ran (the first step alone), never fewer, with a few ledger writes per round."""
+        if self.noisy_steps == self.charged:
+            block = min(max(1, self.charged), self.steps - self.charged)
+            self.dp.charge(block, self.seed)
+            self.charged += block
         for p in self.params:  # an empty contribution closes the step (Opacus' empty-batch path)
             if self.fast:
                 p.grad = torch.zeros_like(p)

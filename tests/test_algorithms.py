@@ -286,6 +286,15 @@ def test_bf16_merge_keeps_every_round_within_one_rounding(gen):
     assert lost > 0.2 * update, (lost, update)
 
 
+def test_masters_only_for_half_precision(gen):
+    """float32/float64 weights merge in their own dtype: no master, no precision lost."""
+    state = {k: v * 1e-9 for k, v in make_state(2, gen, {"base_model.model.proj": (4, 4)}).items()}
+    weights = {"proj.weight": torch.ones(4, 4, dtype=torch.float64)}
+    masters = {}
+    merge_lora_into(weights, state, masters=masters)
+    assert not masters and torch.equal(weights["proj.weight"], 1 + lora_delta(state)["proj.weight"].double())
+
+
 def test_bf16_merge_refuses_overflow_without_touching_weights(gen):
     state = make_state(2, gen, {"base_model.model.proj": (4, 4)})
     weights = {"proj.weight": torch.full((4, 4), 3e38).to(torch.bfloat16)}

@@ -67,7 +67,8 @@ def test_reported_epsilon_equals_opacus_accountant_across_rounds_and_restarts(si
     # a restarted site reads the same ledger back: same spent budget
     again = DPSGD(cfg, len(RECORDS), site="site-1", ledger=PrivacyLedger(str(ledger)))
     assert again.spent == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
-    assert len(ledger.read_text().splitlines()) == rounds * cfg.local_steps  # one journal line per step
+    # charged in blocks of 1, 1, 2, ... steps, each at most the steps already taken: 1, 1, 1 for 3 steps
+    assert [json.loads(line)["steps"] for line in ledger.read_text().splitlines()] == [1, 1, 1] * rounds
 
 
 def test_ledger_holds_the_steps_that_ran_and_noise_is_drawn_on_the_parameters_device(site, tmp_path):
@@ -89,6 +90,14 @@ def test_ledger_holds_the_steps_that_ran_and_noise_is_drawn_on_the_parameters_de
             session.step()
     assert [e["steps"] for e in PrivacyLedger(path).entries] == [1, 500]
     assert session.noisy_steps == 1
+    # a longer round is charged in doubling blocks, never ahead of more than the steps already taken
+    long = dp_config(local_steps=10)
+    dp = DPSGD(long, len(RECORDS), site="site-1")
+    with dp.session(model, torch.optim.SGD(params, lr=0.0), len(RECORDS), long) as session:
+        for taken in range(10):
+            session.step()
+            assert taken + 1 <= dp.ledger.steps <= max(1, 2 * taken)
+    assert [e["steps"] for e in dp.ledger.entries] == [1, 1, 2, 4, 2]
 
 
 def test_target_epsilon_sets_sigma_over_the_planned_steps():

@@ -36,7 +36,7 @@ def test_sim_job_with_dp_flags_reports_epsilon_every_round(tmp_path, tiny_model_
         accountant, previous = RDPAccountant(), 0.0
         (journal,) = glob.glob(str(workspace / "**" / site / "flare_lora_privacy" / "dp_sgd.jsonl"), recursive=True)
         charges = [json.loads(line) for line in Path(journal).read_text().splitlines()]
-        assert [c["steps"] for c in charges] == [1, 1, 1, 1]  # one line per step, 2 rounds x 2 steps
+        assert [c["steps"] for c in charges] == [1, 1, 1, 1]  # blocks of 1, 1 step per round, 2 rounds x 2 steps
         for rnd, record in enumerate(log["rounds"]):
             entry = record["sites"][site]
             # under client-level DP the filter releases only the seconds it measured: no loss, no token

@@ -96,6 +96,27 @@ def test_solver_with_layer_costs_equals_brute_force():
                 assert objective(mask, normalize_scores(g), lam) == pytest.approx(best, abs=1e-9)
 
 
+def test_knapsack_best_responses_are_exact_and_bounded_in_memory(monkeypatch):
+    """The vectorised knapsack equals brute force per site, also when large budgets make it split
+    the sites into chunks (a site reporting budget Σcost cannot make it allocate without bound)."""
+    from flare_lora.components.algorithms import layer_solver
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(7, 6))
+    cost = np.array([100, 200, 300, 100, 250, 150])
+    b = np.array([100, 300, 450, 1100, 620, 99 + 1, 480])
+    want = []
+    for i in range(7):
+        best = max((subset for r in range(7) for subset in itertools.combinations(range(6), r)
+                    if cost[list(subset)].sum() <= b[i]), key=lambda sub: (w[i, list(sub)].sum(), -len(sub)))
+        want.append(w[i, list(best)].sum())
+    for cells in (10**9, 5000):  # one DP call, then chunks of a few sites
+        monkeypatch.setattr(layer_solver, "KNAPSACK_CELLS", cells)
+        rows = layer_solver._best_rows(w, cost, b)
+        assert ((rows * cost).sum(axis=1) <= b).all()
+        np.testing.assert_allclose((rows * w).sum(axis=1), want, atol=1e-12)
+
+
 @pytest.mark.parametrize("n,k", [(3, 6), (20, 12), (100, 32)])
 def test_budgets_never_exceeded(n, k):
     rng = np.random.default_rng(n)

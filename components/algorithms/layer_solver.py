@@ -32,6 +32,7 @@ import numpy as np
 from torch import Tensor
 
 EXACT_WORK_LIMIT = 4_000_000  # states x choices x layers up to which "auto" uses the exact DP
+KNAPSACK_CELLS = 20_000_000  # rows x layers x budget states per knapsack DP call (about 20 MB of flags)
 RESTART_BATCH = 10  # perturbation restarts ascended together (one batch per improvement check)
 
 
@@ -113,6 +114,11 @@ def _best_rows(w: np.ndarray, cost: np.ndarray, b: np.ndarray, current: np.ndarr
             rows[sites] = _best_rows(w[sites], cost, b[sites]) if len(sites) else rows[sites]
             return rows
     cap_max = int(b.max())
+    if n > 1 and n * k * (cap_max + 1) > KNAPSACK_CELLS:  # bounded memory whatever the budgets
+        half = n // 2
+        rows[:half] = _best_rows(w[:half], cost, b[:half])
+        rows[half:] = _best_rows(w[half:], cost, b[half:])
+        return rows
     dp = np.zeros((n, cap_max + 1))
     items = np.nonzero((cost <= cap_max) & (w > 0).any(axis=0))[0]
     keep = np.empty((len(items), n, cap_max + 1), dtype=bool)
@@ -122,7 +128,6 @@ def _best_rows(w: np.ndarray, cost: np.ndarray, b: np.ndarray, current: np.ndarr
         cand = dp[:, : cap_max + 1 - c] + w[:, l : l + 1]
         np.greater(cand, dp[:, c:], out=keep[j, :, c:])
         np.maximum(cand, dp[:, c:], out=dp[:, c:])
-    rows = np.zeros((n, k), dtype=bool)
     cap = b.astype(np.int64).copy()
     sites = np.arange(n)
     for j in range(len(items) - 1, -1, -1):
@@ -173,15 +178,17 @@ def _ascend(starts: list[np.ndarray], g: np.ndarray, b: np.ndarray, lam: float, 
     for _ in range(max_sweeps):
         if not active:
             break
-        worth = g[None] - lam * (n - 1 - 2 * (counts[active][:, None, :] - masks[active]))  # [s, N, K]
+        held = masks[active]
+        worth = g[None] - lam * (n - 1 - 2 * (counts[active][:, None, :] - held))  # [s, N, K]
+        now = (worth * held).sum(axis=2)  # each site's worth where it is
         if unit:
             ranked = -np.sort(-worth, axis=2)
             best = np.take_along_axis(np.cumsum(np.maximum(ranked, 0.0), axis=2), last[None, :, None], axis=2)[..., 0]
         else:
-            now = (worth * masks[active]).sum(axis=2).reshape(-1)
-            proposals = _best_rows(worth.reshape(-1, k), cost, np.tile(b, len(active)), now).reshape(worth.shape)
+            proposals = _best_rows(worth.reshape(-1, k), cost, np.tile(b, len(active)), now.reshape(-1))
+            proposals = proposals.reshape(worth.shape)
             best = (worth * proposals).sum(axis=2)
-        movers = best > (worth * masks[active]).sum(axis=2) + 1e-12
+        movers = best > now + 1e-12
         idx = np.array(active)
         improved = np.zeros(len(idx), dtype=bool)
         for i in np.nonzero(movers.any(axis=0))[0]:  # site by site, in every start where it may move

@@ -21,6 +21,7 @@ from torch import Tensor
 from .lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, module_prefixes
 
 BASE_PREFIX = "base_model.model."
+HALF = (torch.bfloat16, torch.float16)  # base dtypes whose merges go through a float32 master
 
 
 def base_weight_name(prefix: str) -> str:
@@ -46,7 +47,7 @@ def merge_lora_into(
 ) -> None:
     """In place, W += scaling * B @ A for every module (works on a model's named_parameters()).
 
-    A weight below float32 is accumulated in ``masters`` (its float32 master on the CPU, created
+    A bf16/fp16 weight is accumulated in ``masters`` (its float32 master on the CPU, created
     from W on first merge) and set to the master cast to W's dtype; without ``masters`` it is added in its
     own dtype. All or nothing: every module is checked first (the weight exists, shapes match, the
     result is finite in W's dtype), so a bad global never leaves a site with half-merged or inf weights.
@@ -60,7 +61,7 @@ def merge_lora_into(
             raise ValueError(
                 f"{name}: weight shape {tuple(w.shape)}, LoRA delta {tuple(delta.shape)}"
             )
-        if masters is not None and w.dtype != torch.float32:  # master and its sum on the CPU
+        if masters is not None and w.dtype in HALF:  # master and its sum on the CPU
             deltas[name] = delta = delta.cpu()
             new = ((masters[name] if name in masters else w.detach().float().cpu()) + delta).to(w.dtype)
         else:
@@ -70,9 +71,10 @@ def merge_lora_into(
             raise ValueError(f"{name}: merging its LoRA delta would make the weight non-finite")
     for name, delta in deltas.items():
         w = weights[name]
-        if masters is not None and w.dtype != torch.float32:
-            master = masters.setdefault(name, w.detach().float().cpu())
-            w.copy_(master.add_(delta).to(w.dtype))
+        if masters is not None and w.dtype in HALF:
+            if name not in masters:
+                masters[name] = w.detach().float().cpu()
+            w.copy_(masters[name].add_(delta).to(w.dtype))
         else:
             w.add_(delta.to(w.dtype))
 
