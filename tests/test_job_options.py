@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from flare_lora.components.cli.main import JOBS, job_main
+from flare_lora.components.cli.lora_job import FEDCDD_KEYS
 
 pytestmark = pytest.mark.e2e  # ~200 in-process exports: tens of seconds
 
@@ -34,7 +35,7 @@ LOCAL_ONLY = {  # option -> why an exported job is the same with it
 }
 REFUSED = {  # (job, option) -> why that job refuses it
     **{("flora", f"--fedcdd-{key}"): "FedCDD's own options need --method fedcdd"
-       for key in ("variant", "temperature", "weighting", "similarity", "axis", "target")},
+       for key in FEDCDD_KEYS},
     ("fedcdd", "--he"): "FedCDD's aggregation is nonlinear: ciphertexts cannot be aggregated by it",
     ("one-shot", "--checkpoint-dir"): "one round: no round to checkpoint or resume after",
     ("one-shot", "--task-timeout"): "--deadline, --late-grace and --timeout end the one round",
