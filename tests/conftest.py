@@ -21,9 +21,12 @@ def _stale_installed_files() -> list[str]:
     package is installed as a wheel, so an edit needs `pip install .` before the tests; a
     module deleted here but still installed counts too)."""
     installed = Path(flare_lora.components.__file__).resolve().parents[1]
-    stale = [] if not (installed / "__init__.py").exists() else ["flare_lora/__init__.py"]
+    top = CHECKOUT / "components" / "top_level" / "__init__.py"  # installed as flare_lora/__init__.py
+    stale = [] if (installed / "__init__.py").is_file() and filecmp.cmp(top, installed / "__init__.py", shallow=False) \
+        else ["flare_lora/__init__.py"]
     for folder in ("components", "privacy"):
-        here = {p.relative_to(CHECKOUT / folder) for p in (CHECKOUT / folder).rglob("*.py")}
+        here = {p.relative_to(CHECKOUT / folder) for p in (CHECKOUT / folder).rglob("*.py")
+                if not p.is_relative_to(top.parent)}
         there = {p.relative_to(installed / folder) for p in (installed / folder).rglob("*.py")}
         for rel in sorted(here | there):
             src, dst = CHECKOUT / folder / rel, installed / folder / rel

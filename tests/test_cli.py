@@ -42,7 +42,7 @@ def test_bad_commands_and_job_input_fail_with_one_error_line(capsys):
 
 def test_results_never_replace_a_folder_flare_lora_did_not_write(tmp_path, monkeypatch, capsys, tiny_model_dir):
     """--results holding someone's files, or the current folder: refused before the job runs, nothing
-    deleted; an earlier results folder (marked) may be replaced."""
+    deleted; an earlier results folder (marked) is replaced only with --overwrite."""
     foreign = tmp_path / "reports"
     foreign.mkdir()
     (foreign / "thesis.docx").write_text("mine")
@@ -56,17 +56,19 @@ def test_results_never_replace_a_folder_flare_lora_did_not_write(tmp_path, monke
     earlier.mkdir()
     (earlier / ".flare_lora_results").touch()
     (earlier / "metrics.json").write_text("{}")
-    check_results_dir(str(earlier))  # flare-lora's own (an earlier version's empty marker): may be replaced
+    with pytest.raises(ValueError, match="holds an earlier run's results; pass --overwrite"):
+        check_results_dir(str(earlier))  # never replaced unasked
+    check_results_dir(str(earlier), overwrite=True)  # flare-lora's own (an earlier version's empty marker)
     check_results_dir(str(tmp_path / "new"))
     mark_results(str(earlier))  # a run lists what it wrote; a file the user adds later is theirs
     (earlier / "my_notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"did not write \(\['my_notes.txt'\]\)"):
-        check_results_dir(str(earlier))
+        check_results_dir(str(earlier), overwrite=True)
     (earlier / "my_notes.txt").unlink()
     (earlier / "adapter").mkdir()
     (earlier / "adapter" / "mine.txt").write_text("mine")  # inside a folder a run could have written
     with pytest.raises(ValueError, match=r"did not write \(\['adapter/mine.txt'\]\)"):
-        check_results_dir(str(earlier))
+        check_results_dir(str(earlier), overwrite=True)
 
 
 def test_export_writes_the_job_folder(tmp_path, monkeypatch, capsys):

@@ -11,8 +11,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from flare_lora.components.data.prompts import collate, encode, exact_match, format_prompt, normalize_answer
-from flare_lora.components.data.records import DataError, has_reference, load_jsonl, write_jsonl
+from flare_lora.components.data.prompts import (
+    collate,
+    encode,
+    exact_match,
+    format_prompt,
+    normalize_answer,
+    prompt_ids,
+    truncated,
+)
+from flare_lora.components.data.records import DataError, load_jsonl, reference, write_jsonl
 from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.data.split import dirichlet_split, split_by_field
 from flare_lora.components.data.synthetic import DEFAULT_TASKS, default_site_data
@@ -38,8 +46,8 @@ def test_load_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"text": "a"}\n{"text": "b"}\n["not", "an", "object"]\n')
     with pytest.raises(DataError, match=r"file\.jsonl:3: expected a JSON object, got list"):
         load_jsonl(path)
-    path.write_text('{"prompt": "a"}\n')
-    with pytest.raises(DataError, match=r"file\.jsonl:1: .*got keys \['prompt'\]"):
+    path.write_text('{"question": "a"}\n')
+    with pytest.raises(DataError, match=r"file\.jsonl:1: .*got keys \['question'\]"):
         load_jsonl(path)
 
 
@@ -69,7 +77,7 @@ def test_write_then_load_keeps_extra_keys(tmp_path):
     records = [dict(RECORD, category="numbers"), {"text": "héllo"}]
     write_jsonl(tmp_path / "r.jsonl", records)
     assert load_jsonl(tmp_path / "r.jsonl") == records
-    assert [has_reference(r) for r in records] == [True, False]
+    assert [reference(r) for r in records] == ["40", None]
 
 
 def test_encode_masks_exactly_the_prompt_and_ends_with_eos(tok):
@@ -99,6 +107,65 @@ def test_text_records_train_on_everything(tok):
     assert example["labels"] == example["input_ids"]
     assert example["input_ids"][-1] == tok.eos_token_id
     assert format_prompt(tok, {"text": "x"}) == ""
+
+
+CHAT = {"messages": [{"role": "system", "content": "Answer briefly."},
+                     {"role": "user", "content": "Larger of 12 and 40?"}, {"role": "assistant", "content": "40"},
+                     {"role": "user", "content": "And of 7 and 3?"}, {"role": "assistant", "content": "7"}]}
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_chat_records_train_on_every_assistant_turn_and_nothing_else(tok, template):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    if not template:
+        tokenizer.chat_template = None
+    example = encode(tokenizer, CHAT, max_length=512)
+    trained = tokenizer.decode([t for t in example["labels"] if t != -100])
+    assert "40" in trained and "7" in trained and "Larger" not in trained and "Answer briefly" not in trained
+    if template:  # the whole conversation as the template renders it; each answer ends its turn
+        rendered = tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
+        assert tokenizer.decode(example["input_ids"]) == rendered
+        assert trained == "40<|im_end|>\n7<|im_end|>\n"
+    else:
+        assert trained == f"40{tokenizer.eos_token}7{tokenizer.eos_token}"
+    # exact match is scored on the last turn, after the conversation before it
+    assert reference(CHAT) == "7"
+    assert tokenizer.decode(prompt_ids(tokenizer, CHAT)).endswith(("<|im_start|>assistant\n", "### Assistant:\n"))
+
+
+def test_prompt_completion_records_and_the_conversational_form(tok, tmp_path):
+    (tmp_path / "d.jsonl").write_text(
+        '{"prompt": "2+2=", "completion": "4"}\n'
+        '{"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}], "id": 7}\n')
+    plain, chat = load_jsonl(tmp_path / "d.jsonl")
+    example = encode(tok, plain, max_length=64)
+    assert tok.decode([t for t in example["labels"] if t != -100]) == "4" + tok.eos_token
+    assert example["input_ids"][: len(prompt_ids(tok, plain))] == tok("2+2=")["input_ids"]
+    assert chat == {"id": 7, "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    assert reference(plain) == reference(chat) == "4"
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"messages": []}', 'expected "messages" to be a non-empty list'),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "hold an assistant turn with content"),
+    ('{"messages": [{"role": "doctor", "content": "hi"}]}', '"messages"[0] to be {"role": one of'),
+    ('{"prompt": "x"}', 'expected "completion" to be a non-empty string, got None'),
+    ('{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]}',
+     'every "completion" message to have role "assistant"'),
+    ('{"question": "x"}', "expected a chat record {\"messages\"}, a prompt-completion record"),
+])
+def test_bad_chat_and_prompt_records_name_file_line_and_key(tmp_path, line, expected):
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(DataError) as error:
+        load_jsonl(tmp_path / "d.jsonl")
+    assert str(error.value).startswith(f"{tmp_path / 'd.jsonl'}:2: ") and expected in str(error.value)
+
+
+def test_records_longer_than_max_length_are_counted(tok):
+    records = [RECORD, dict(RECORD, input="word " * 200), CHAT, {"text": "long " * 300}]
+    assert truncated(tok, records, max_length=128) == 2
+    assert truncated(tok, records, max_length=4096) == 0
+    assert all(len(encode(tok, r, 128)["input_ids"]) <= 128 for r in records)
 
 
 def test_format_prompt_chat_and_alpaca(tok):
@@ -148,7 +215,7 @@ def test_default_data_is_heterogeneous_and_well_formed():
         train, evaluation = default_site_data(site)
         assert (len(train), len(evaluation)) == (64, 16)
         for record in train + evaluation:
-            assert record["category"] in DEFAULT_TASKS and has_reference(record)
+            assert record["category"] in DEFAULT_TASKS and reference(record) is not None
             assert 1 <= len(record["output"].split()) <= 2
         mixes.append(collections.Counter(r["category"] for r in train).most_common(1)[0][0])
     assert len(set(mixes)) == 3  # each site is dominated by a different task
@@ -260,3 +327,34 @@ def test_load_site_data(tmp_path):
     (tmp_path / "site-3.jsonl").write_text("\n")
     with pytest.raises(DataError, match="0 training records"):
         load_site_data(str(tmp_path), "site-3", 2)
+
+
+def test_sites_read_datasets_saved_to_disk(tmp_path):
+    """A DatasetDict with a test split is read as (train, eval); a Dataset is held out like JSONL;
+    a column some rows lack (None) is absent, not a bad value; a bad row names its split and row."""
+    datasets = pytest.importorskip("datasets")  # the [data] extra (in [test])
+    chat = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]
+    datasets.DatasetDict(train=datasets.Dataset.from_list(chat[:4]), test=datasets.Dataset.from_list(chat[4:])) \
+        .save_to_disk(str(tmp_path / "site-1"))
+    assert load_site_data(str(tmp_path), "site-1", 0) == (chat[:4], chat[4:])
+    rows = [{"instruction": f"i{i}", "output": f"o{i}", **({"input": "x"} if i % 2 == 0 else {})} for i in range(10)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "mine"))
+    train, evaluation = load_site_data(str(tmp_path / "mine"), "site-2", 1, eval_fraction=0.2)
+    assert sorted(train + evaluation, key=lambda r: int(r["instruction"][1:])) == rows and len(evaluation) == 2
+    datasets.Dataset.from_list([{"text": "ok"}, {"text": ""}]).save_to_disk(str(tmp_path / "site-3"))
+    with pytest.raises(DataError, match=r"site-3: row 2: expected \"text\" to be a non-empty string"):
+        load_site_data(str(tmp_path), "site-3", 2)
+
+
+def test_split_cli_reads_parquet_rows_and_templates(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"label": [i % 2 for i in range(20)], "prompt": [f"p{i}" for i in range(20)],
+                             "completion": [f"c{i}" for i in range(20)]}), tmp_path / "d.parquet")
+    done = _run_split(tmp_path / "d.parquet", "--out", tmp_path / "a", "--by-field", "label", "--sites", 2)
+    assert done.returncode == 0, done.stderr
+    records = load_jsonl(tmp_path / "a" / "site-1.jsonl") + load_jsonl(tmp_path / "a" / "site-1.eval.jsonl")
+    assert sorted(r["prompt"] for r in records) == sorted(f"p{i}" for i in range(0, 20, 2))
+    done = _run_split(tmp_path / "d.parquet", "--out", tmp_path / "b", "--by-field", "label", "--sites", 2,
+                      "--instruction", "Say {prompt}", "--output-field", "nope")
+    assert done.returncode != 0 and "missing column(s) ['nope']" in done.stderr

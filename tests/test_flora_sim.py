@@ -2,6 +2,7 @@
 
 The job tests are marked e2e; the recipe's configuration checks (no FLARE process) are not."""
 
+import json
 import subprocess
 import sys
 
@@ -45,6 +46,29 @@ def test_flora_heterogeneous_ranks_external_process(tmp_path, tiny_model_dir):
     plain = AutoModelForCausalLM.from_pretrained(results / "merged", dtype=torch.float32).state_dict()
     for key, value in merged.state_dict().items():
         torch.testing.assert_close(plain[key], value)
+
+    # self-describing: the adapter names its base (loads with no other argument), the run's settings,
+    # a model card, and flare_lora.load gives the same model
+    import flare_lora
+    from peft import AutoPeftModelForCausalLM
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(results / "adapter").merge_and_unload().state_dict()
+    loaded, tokenizer = flare_lora.load(str(results))
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(auto[key], value)
+        torch.testing.assert_close(loaded.merge_and_unload().state_dict()[key], value)
+    assert tokenizer("hello")["input_ids"]
+    config = json.loads((results / "run_config.json").read_text())
+    assert config["command"][config["command"].index("--ranks") + 1] == "2,4,8"
+    assert [c["rank"] for c in config["sites"].values()] == [2, 4, 8] and config["options"]["rounds"] == 2
+    assert config["versions"]["nvflare"].startswith("2.9") and config["model"] == str(tiny_model_dir)
+    card = (results / "adapter" / "README.md").read_text()
+    assert "**Method**: flora, 2 round(s)" in card and "site-3: rank 8" in card and "none (no DP, no HE)" in card
+    # a second run into the same folder is refused unless --overwrite; nothing is touched
+    before_files = sorted(p.name for p in results.iterdir())
+    _, _, again = run_job(tmp_path, tiny_model_dir, "--ranks", "2", "--rounds", "1", expect_ok=False)
+    assert again.returncode == 2 and "holds an earlier run's results (started " in again.stderr
+    assert sorted(p.name for p in results.iterdir()) == before_files
 
 
 @pytest.mark.e2e

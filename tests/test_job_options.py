@@ -32,6 +32,7 @@ LOCAL_ONLY = {  # option -> why an exported job is the same with it
     "--site-local": "files the POC harness puts into its sites' local/ folders, not part of the job",
     "--results": "where this machine copies the results after a run",
     "--save-merged": "merges the results on this machine after a run",
+    "--overwrite": "lets this machine replace an earlier run's results after a run",
 }
 REFUSED = {  # (job, option) -> why that job refuses it
     **{("flora", f"--fedcdd-{key}"): "FedCDD's own options need --method fedcdd"

@@ -74,7 +74,10 @@ def add_common_args(p: argparse.ArgumentParser, *, ranks: bool = True, rounds: b
     g.add_argument("--site-python", default=None, metavar="PYTHON",
                    help="the interpreter that sites start training with, in exported and --env prod jobs "
                         "(default python3; the simulator and POC use this one)")
-    g.add_argument("--results", default=None, help="where to copy results (default: ./results/<job name>)")
+    g.add_argument("--results", default=None,
+                   help="where to copy results (default: ./results/<job name>); must be new or empty unless --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's results in --results (only files flare-lora wrote there)")
     g.add_argument("--save-merged", action="store_true", help="also write the base with the trained weights as an HF model dir")
     add_dp_args(p)
     g = p.add_argument_group("homomorphic encryption (docs/he.md)")

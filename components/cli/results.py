@@ -17,18 +17,31 @@ MODEL_KEYS = ("adapter", "layers_file", "full_weights")  # what metrics.json nam
 RESULTS_MARKER = ".flare_lora_results"  # in every results folder this command wrote: the entries it wrote
 
 
-def check_results_dir(out_dir: str) -> None:
-    """ValueError unless ``out_dir`` is absent, empty or a results folder flare-lora wrote: the
-    results replace it, and nothing a user did not create is ever deleted."""
+def check_results_dir(out_dir: str, overwrite: bool = False) -> None:
+    """ValueError unless ``out_dir`` is absent or empty, or (``overwrite``) a results folder
+    flare-lora wrote: a run never replaces an earlier one unasked, and nothing a user did not create
+    is ever deleted."""
     path = os.path.realpath(out_dir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--results {out_dir}: exists and is not a folder")
     if os.path.realpath(os.getcwd()).startswith(path.rstrip(os.sep) + os.sep) or path == os.path.realpath(os.getcwd()):
         raise ValueError(f"--results {out_dir}: is the current folder or holds it; choose a new or empty folder")
-    foreign = sorted(set(files_in(path)) - written_files(path)) if os.path.isdir(path) else []
+    present = set(files_in(path)) if os.path.isdir(path) else set()
+    foreign = sorted(present - written_files(path))
     if foreign:
         raise ValueError(f"--results {out_dir}: holds files flare-lora did not write ({foreign[:3]}"
                          f"{' ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
+    if present and not overwrite:
+        raise ValueError(f"--results {out_dir}: holds an earlier run's results{_started(path)}; pass --overwrite to "
+                         "replace them, or --results NEW_DIR")
+
+
+def _started(path: str) -> str:
+    try:
+        with open(os.path.join(path, "run_config.json"), encoding="utf-8") as f:
+            return f" (started {json.load(f)['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def files_in(path: str) -> list[str]:
@@ -61,7 +74,7 @@ def mark_results(out_dir: str, files: set[str] | None = None) -> None:
         json.dump(sorted(files - {RESULTS_MARKER}), f, indent=0)
 
 
-def collect_results(result_dir: str | None, out_dir: str) -> dict:
+def collect_results(result_dir: str | None, out_dir: str, overwrite: bool = False) -> dict:
     """Copy the server's flare_lora/ results out of a run workspace into ``out_dir``; their log.
     With HE only the sites hold the plaintext model (in the simulator, in the same workspace): copy
     it too, and the log names it."""
@@ -70,7 +83,7 @@ def collect_results(result_dir: str | None, out_dir: str) -> dict:
         raise SystemExit(f"no flare_lora/metrics.json under the job result {result_dir!r}; see the server log there")
     src = os.path.dirname(found[0])
     if os.path.abspath(src) != os.path.abspath(out_dir):
-        check_results_dir(out_dir)  # again: the job ran for a while
+        check_results_dir(out_dir, overwrite)  # again: the job ran for a while
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)  # empty, or results this command wrote
         shutil.copytree(src, out_dir)
@@ -114,6 +127,9 @@ def print_report(report: dict) -> None:
     print(report["table"])
     comm = report["comm"]
     print(f"\ntotal upload {comm['upload_bytes'] / 1e6:.2f} MB, download {comm['download_bytes'] / 1e6:.2f} MB")
+    cut = truncation(log)
+    if cut:
+        print("records longer than max_length (cut in training): " + ", ".join(f"{s} {n}" for s, n in sorted(cut.items())))
     if log.get("selections"):
         print_selections(log)
     if log.get("error"):
@@ -125,6 +141,18 @@ def print_report(report: dict) -> None:
         print(f"HE: the server holds the global only as ciphertexts; the model: {log['model_at_sites']}")
     if report.get("merged"):
         print(f"merged model: {report['merged']}  (AutoModelForCausalLM.from_pretrained(that_dir))")
+
+
+def truncation(log: dict) -> dict[str, int]:
+    """Each site's count of training records longer than max_length, as it last reported (sites
+    under DP withhold it); only sites that cut any."""
+    cut = {}
+    for record in log.get("rounds", []):
+        for site, entry in record.get("sites", {}).items():
+            n = (entry.get("train") or {}).get("truncated") if isinstance(entry.get("train"), dict) else None
+            if isinstance(n, int) and not isinstance(n, bool):
+                cut[site] = n
+    return {site: n for site, n in cut.items() if n}
 
 
 def print_selections(log: dict) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flare_lora.components.cli.environments import make_env
+from flare_lora.components.cli.run_record import describe_results, run_config
 from flare_lora.components.cli.results import (
     check_results_dir,
     collect_results,
@@ -49,17 +50,17 @@ def run_job(parser, build: Callable[..., Job], argv=None, *, export: bool = Fals
             print(f"job exported to {os.path.join(export_dir(), job.name)}  (nvflare job submit -j that_dir)")
             return 0
         results = args.results or os.path.join("results", job.name)
-        check_results_dir(results)
+        check_results_dir(results, args.overwrite)
         env = make_env(args, job.sites)
         if args.env != "prod":  # the sites' model, data and limits, before anything starts
             job.recipe.check_local_sites(getattr(env, "local_files", {}))
     except (ValueError, FileNotFoundError) as e:  # ConfigError too: one line naming site and key
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_recipe(job, env, results, args.model, args.save_merged)
+    return run_recipe(job, env, results, args, run_config(job, args, sys.argv if argv is None else [*parser.prog.split(), *argv]))
 
 
-def run_recipe(job: Job, env, results_dir: str, model: str | None, merge: bool) -> int:
+def run_recipe(job: Job, env, results_dir: str, args, config: dict) -> int:
     """Run the job in ``env``, collect and print its results; 0 on success.
 
     A failed simulation still leaves the server's metrics.json (with the reason under "error"), so
@@ -79,10 +80,11 @@ def run_recipe(job: Job, env, results_dir: str, model: str | None, merge: bool) 
             result = env.get_job_result(job.name)  # the simulator exited non-zero; its workspace remains
     finally:
         env.stop()
-    log = collect_results(result, results_dir)
+    log = collect_results(result, results_dir, args.overwrite)
+    describe_results(results_dir, log, config)
     report = report_results(log, results_dir, job.title)
-    if merge:
-        report["merged"] = save_merged(model, results_dir, log)
+    if args.save_merged:
+        report["merged"] = save_merged(args.model, results_dir, log)
     mark_results(results_dir)
     print_report(report)
     return 1 if log.get("error") or not log.get("final") else 0

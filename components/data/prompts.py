@@ -21,7 +21,7 @@ def _user_message(record: dict) -> str:
 
 
 def format_prompt(tokenizer, record: dict) -> str:
-    """The text the model sees before the answer ("" for text records: all of it is trained on).
+    """The text the model sees before an instruction record's answer ("" for text records).
 
     Uses the tokenizer's chat template (one user message, generation prompt added) when it has
     one, otherwise an Alpaca-style prompt.
@@ -39,37 +39,110 @@ def format_prompt(tokenizer, record: dict) -> str:
     return _ALPACA.format(instruction=record["instruction"], input_block=input_block)
 
 
+def _chat_text(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    """``messages`` rendered by the tokenizer's chat template, or (without one) as ``### Role:`` blocks."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    return text + ("### Assistant:\n" if generation_prompt else "")
+
+
+def chat_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """A conversation as (text, trained) pieces whose concatenation is its rendering: each assistant
+    turn (with the template's end-of-turn marker) is trained, everything before it is context.
+
+    ValueError when the chat template renders a conversation's start differently from the whole
+    (then no turn boundary is well defined)."""
+    pieces, done = [], ""
+    for j, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _chat_text(tokenizer, messages[:j], True)
+        full = _chat_text(tokenizer, messages[: j + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError(f"the chat template of {type(tokenizer).__name__} renders turn {j} of a conversation "
+                             "differently from the conversation before it; train on one assistant turn per record")
+        answer = full[len(prompt):] if getattr(tokenizer, "chat_template", None) else message["content"]
+        pieces += [(prompt[len(done):], False), (answer, True)]
+        done = full if getattr(tokenizer, "chat_template", None) else prompt + answer
+    return pieces
+
+
 def prompt_ids(tokenizer, record: dict) -> list[int]:
-    """Token ids of ``format_prompt``; a chat template brings its own special tokens."""
+    """Token ids the model is given before the answer exact match scores (see records.reference)."""
+    with_specials = not getattr(tokenizer, "chat_template", None)
+    if "messages" in record:
+        prompt = _chat_text(tokenizer, record["messages"][:-1], True)
+        return tokenizer(prompt, add_special_tokens=with_specials)["input_ids"]
+    if "prompt" in record:
+        return tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
     prompt = format_prompt(tokenizer, record)
     if not prompt:
         return []
-    with_specials = not getattr(tokenizer, "chat_template", None)
     return tokenizer(prompt, add_special_tokens=with_specials)["input_ids"]
 
 
-def encode(tokenizer, record: dict, max_length: int) -> dict[str, list[int]]:
-    """Tokenize a record into ``input_ids`` and ``labels`` (-100 exactly on prompt tokens).
+def _segments(tokenizer, record: dict) -> list[tuple[list[int], bool]]:
+    """(token ids, trained) segments of a record; the answer ends with eos so the model learns to stop."""
+    eos = [tokenizer.eos_token_id]
+    if "messages" in record:
+        with_specials = not getattr(tokenizer, "chat_template", None)
+        segments = []
+        for i, (text, trained) in enumerate(chat_pieces(tokenizer, record["messages"])):
+            ids = tokenizer(text, add_special_tokens=with_specials and i == 0)["input_ids"]
+            segments.append((ids + (eos if trained and with_specials else []), trained))
+        return segments
+    if "prompt" in record:
+        answer = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        return [(prompt_ids(tokenizer, record), False), (answer + eos, True)]
+    if "instruction" in record:
+        answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        return [(prompt_ids(tokenizer, record), False), (answer + eos, True)]
+    return [(tokenizer(record["text"], add_special_tokens=True)["input_ids"] + eos, True)]
 
-    The answer (or the whole text) ends with the eos token so the model learns to stop. Too-long
-    examples are cut from the right, keeping the prompt's start. If that would leave no answer
-    token, the prompt is cut from the LEFT instead so the answer's first tokens survive: an
-    example with nothing to supervise would only waste a step.
+
+def full_length(tokenizer, record: dict) -> int:
+    """Tokens in the record before any cut: above max_length, ``encode`` truncates it."""
+    return sum(len(ids) for ids, _ in _segments(tokenizer, record))
+
+
+def truncated(tokenizer, records: list[dict], max_length: int, where: str = "records") -> int:
+    """How many of ``records`` are longer than max_length tokens (``encode`` cuts them); a record
+    the tokenizer's chat template cannot split into turns fails here, at load, naming it."""
+    cut = 0
+    for number, record in enumerate(records, start=1):
+        try:
+            cut += full_length(tokenizer, record) > max_length
+        except ValueError as e:
+            raise ValueError(f"{where}: record {number}: {e}") from None
+    return cut
+
+
+def encode(tokenizer, record: dict, max_length: int) -> dict[str, list[int]]:
+    """Tokenize a record into ``input_ids`` and ``labels`` (-100 on every untrained token).
+
+    Too-long examples are cut from the right, keeping the start. A prompt-answer record whose
+    prompt would leave no answer token has its prompt cut from the LEFT instead, so the answer's
+    first tokens survive (an example with nothing to supervise would only waste a step); a
+    conversation whose first max_length tokens hold no assistant token keeps its last ones.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token")
-    prompt = prompt_ids(tokenizer, record)
-    if "instruction" in record:
-        answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
-    else:
-        answer = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
-    answer = answer + [tokenizer.eos_token_id]
-    n_answer = min(len(answer), max(1, max_length - len(prompt)))
-    n_prompt = min(len(prompt), max_length - n_answer)
-    prompt, answer = prompt[len(prompt) - n_prompt:], answer[:n_answer]
-    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * n_prompt + answer}
+    segments = _segments(tokenizer, record)
+    if len(segments) == 2 and not segments[0][1]:  # prompt, answer
+        prompt, answer = segments[0][0], segments[1][0]
+        n_answer = min(len(answer), max(1, max_length - len(prompt)))
+        n_prompt = min(len(prompt), max_length - n_answer)
+        prompt, answer = prompt[len(prompt) - n_prompt:], answer[:n_answer]
+        return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * n_prompt + answer}
+    ids = [t for seg, _ in segments for t in seg]
+    labels = [t if trained else IGNORE_INDEX for seg, trained in segments for t in seg]
+    window = slice(0, max_length)
+    if all(label == IGNORE_INDEX for label in labels[window]):
+        window = slice(max(0, len(ids) - max_length), len(ids))
+    return {"input_ids": ids[window], "labels": labels[window]}
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

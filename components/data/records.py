@@ -1,8 +1,12 @@
 """Record validation and JSONL I/O.
 
-A record is a dict, either instruction style ``{"instruction", "input" (optional), "output"}``
-(Alpaca/Dolly) or ``{"text"}``; extra keys such as ``"category"`` are kept. Validation happens at
-load time so a bad line fails with its ``path:line`` instead of deep inside training.
+A record is a dict in one of the forms Hugging Face datasets use:
+- chat: ``{"messages": [{"role", "content"}, ...]}``, trained on the assistant turns;
+- prompt-completion: ``{"prompt", "completion"}`` (strings, or lists of chat messages);
+- instruction (Alpaca/Dolly): ``{"instruction", "input" (optional), "output"}``;
+- plain text: ``{"text"}``, trained on all of it.
+Extra keys such as ``"category"`` are kept. Validation happens at load time so a bad line fails
+with its ``path:line`` instead of deep inside training.
 """
 
 from __future__ import annotations
@@ -10,15 +14,48 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+ROLES = ("system", "user", "assistant", "tool")
+FORMS = ('a chat record {"messages"}, a prompt-completion record {"prompt", "completion"}, '
+         'an instruction record {"instruction", "output"} or a text record {"text"}')
+
 
 class DataError(ValueError):
     """Bad or missing data; the message names the file, line or key at fault."""
+
+
+def messages_problem(messages: object, key: str = "messages") -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f'expected "{key}" to be a non-empty list of {{"role", "content"}} objects, got {messages!r:.80}'
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            return (f'expected "{key}"[{i}] to be {{"role": one of {list(ROLES)}, "content": a string}}, '
+                    f"got {message!r:.80}")
+    return None
 
 
 def record_problem(record: object) -> str | None:
     """Why ``record`` is not a valid record (expected vs got), or None when it is valid."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
+    if "messages" in record:
+        problem = messages_problem(record["messages"])
+        if problem:
+            return problem
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in record["messages"]):
+            return 'expected "messages" to hold an assistant turn with content (the turns trained on), got none'
+        return None
+    if "prompt" in record or "completion" in record:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, list) or isinstance(completion, list):  # conversational prompt-completion
+            problem = messages_problem(prompt, "prompt") or messages_problem(completion, "completion")
+            if problem is None and any(m["role"] != "assistant" for m in completion):
+                problem = 'expected every "completion" message to have role "assistant"'
+            return problem
+        if not isinstance(prompt, str) or not prompt.strip():
+            return f'expected "prompt" to be a non-empty string, got {prompt!r}'
+        if not isinstance(completion, str) or not completion.strip():
+            return f'expected "completion" to be a non-empty string, got {completion!r}'
+        return None
     if "instruction" in record:
         instruction = record["instruction"]
         if not isinstance(instruction, str) or not instruction.strip():
@@ -34,10 +71,15 @@ def record_problem(record: object) -> str | None:
         if not isinstance(text, str) or not text.strip():
             return f'expected "text" to be a non-empty string, got {text!r}'
         return None
-    return (
-        'expected an instruction record {"instruction", "output"} or a text record {"text"}, '
-        f"got keys {sorted(record)}"
-    )
+    return f"expected {FORMS}, got keys {sorted(record)}"
+
+
+def normalized(record: dict) -> dict:
+    """A valid record in the form training reads: conversational prompt-completion becomes chat."""
+    if isinstance(record.get("prompt"), list):
+        rest = {k: v for k, v in record.items() if k not in ("prompt", "completion")}
+        return {**rest, "messages": record["prompt"] + record["completion"]}
+    return record
 
 
 def jsonl_lines(path: str | Path) -> list[str]:
@@ -65,7 +107,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
         problem = record_problem(record)
         if problem:
             raise DataError(f"{path}:{number}: {problem}")
-        records.append(record)
+        records.append(normalized(record))
     return records
 
 
@@ -76,6 +118,11 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def has_reference(record: dict) -> bool:
-    """Instruction records carry a reference answer that exact match can score."""
-    return "instruction" in record and isinstance(record.get("output"), str)
+def reference(record: dict) -> str | None:
+    """The answer exact match scores a record by: its output, completion or final assistant turn."""
+    if "messages" in record:
+        last = record["messages"][-1]
+        return last["content"] if last["role"] == "assistant" else None
+    if isinstance(record.get("completion"), str):
+        return record["completion"]
+    return record["output"] if "instruction" in record and isinstance(record.get("output"), str) else None

@@ -11,8 +11,8 @@ Example (AG News, 3 sites, topic-skewed)::
         --instruction "Classify the topic of this news: {title}. {description}" \\
         --output-field label --output-map 1=World,2=Sports,3=Business,4=Sci/Tech
 
-A CSV without ``--instruction`` is read as records directly (columns ``instruction``,
-``input``, ``output`` or ``text``).
+A CSV or Parquet file without ``--instruction`` is read as records directly (columns
+``messages``, ``prompt``/``completion``, ``instruction``/``input``/``output`` or ``text``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from flare_lora.components.data.records import DataError, jsonl_lines, load_jsonl, record_problem, write_jsonl
+from flare_lora.components.data.records import DataError, jsonl_lines, load_jsonl, normalized, record_problem, write_jsonl
 
 RECORD_KEYS = ("instruction", "input", "output", "text")
 
@@ -99,32 +99,56 @@ def _parse_map(text: str | None) -> dict[str, str] | None:
 
 def read_csv(path: Path, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """CSV rows as records (templated when --instruction is given) and each row's path:line."""
-    output_map = _parse_map(args.output_map)
-    records, where = [], []
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a clinical note may exceed csv's 128 KB cell default
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
-            templates = [t for t in (args.instruction, args.input, args.output_template) if t]
-            needed = set().union(*map(_template_fields, templates)) | (
-                {args.output_field} if args.output_field else set()
-            )
-            missing = sorted(needed - set(columns))
-            if missing:
-                raise DataError(f"{path}: missing column(s) {missing}; the header has {columns}")
-            for row in reader:
-                location = f"{path}:{reader.line_num}"
-                if None in row or None in row.values():
-                    raise DataError(f"{location}: expected {len(columns)} columns like the header")
-                record = _row_record(row, args, output_map, location) if args.instruction else row
-                problem = record_problem(record)
-                if problem:
-                    raise DataError(f"{location}: {problem}")
-                records.append(record)
-                where.append(location)
+
+            def rows():
+                for row in reader:
+                    location = f"{path}:{reader.line_num}"
+                    if None in row or None in row.values():
+                        raise DataError(f"{location}: expected {len(columns)} columns like the header")
+                    yield location, row
+
+            return table_records(path, columns, rows(), args)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read CSV {path}: {exc}") from exc
+
+
+def read_parquet(path: Path, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Parquet rows as records, like CSV rows; each row's path and row number."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install flare-lora[data]`)") from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"cannot read Parquet {path}: {exc}") from exc
+    rows = ((f"{path} row {n}", {k: v for k, v in row.items() if v is not None})
+            for n, row in enumerate(table.to_pylist(), start=1))
+    return table_records(path, table.column_names, rows, args)
+
+
+def table_records(path: Path, columns: list[str], rows, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """(records, locations) from a table's (location, row) pairs: templated when --instruction is
+    given, else each row is a record itself (columns messages, prompt/completion, instruction/output or text)."""
+    output_map = _parse_map(args.output_map)
+    templates = [t for t in (args.instruction, args.input, args.output_template) if t]
+    needed = set().union(*map(_template_fields, templates)) | ({args.output_field} if args.output_field else set())
+    missing = sorted(needed - set(columns))
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; the header has {columns}")
+    records, where = [], []
+    for location, row in rows:
+        record = _row_record(row, args, output_map, location) if args.instruction else row
+        problem = record_problem(record)
+        if problem:
+            raise DataError(f"{location}: {problem}")
+        records.append(normalized(record))
+        where.append(location)
     return records, where
 
 
@@ -151,13 +175,13 @@ def _row_record(row: dict, args, output_map: dict | None, location: str) -> dict
 
 
 def read_records(path: Path, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
-    """Records from a .csv or .jsonl file, with each record's path:line for error messages."""
-    if path.suffix == ".csv":
-        return read_csv(path, args)
+    """Records from a .jsonl, .csv or .parquet file, with each record's location for error messages."""
+    if path.suffix in (".csv", ".parquet"):
+        return (read_csv if path.suffix == ".csv" else read_parquet)(path, args)
     if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"{path}: expected a .jsonl or .csv file, got suffix {path.suffix!r}")
+        raise DataError(f"{path}: expected a .jsonl, .csv or .parquet file, got suffix {path.suffix!r}")
     if args.instruction or args.output_field or args.output_template:
-        raise DataError("--instruction/--output-field/--output-template apply only to CSV input")
+        raise DataError("--instruction/--output-field/--output-template apply only to CSV and Parquet input")
     records = load_jsonl(path)
     lines = jsonl_lines(path)
     where = [f"{path}:{n}" for n, line in enumerate(lines, start=1) if line.strip()]
@@ -173,9 +197,9 @@ def _labels(records: list[dict], where: list[str], field: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="flare-lora split", description="Split a JSONL or CSV dataset into per-site files."
+        prog="flare-lora split", description="Split a JSONL, CSV or Parquet dataset into per-site files."
     )
-    p.add_argument("path", type=Path, help="input .jsonl or .csv")
+    p.add_argument("path", type=Path, help="input .jsonl, .csv or .parquet")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--by-field", metavar="NAME", help="one site per distinct value (round-robin)")
@@ -185,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held out per site (0.2)")
     p.add_argument("--max-per-site", type=int, help="cap on records per site (train + eval)")
     p.add_argument("--seed", type=int, default=0)
-    csv_group = p.add_argument_group("CSV to instruction records ({column} placeholders)")
+    csv_group = p.add_argument_group("CSV / Parquet columns to instruction records ({column} placeholders)")
     csv_group.add_argument("--instruction", metavar="TEMPLATE")
     csv_group.add_argument("--input", metavar="TEMPLATE", help="optional input template")
     out = csv_group.add_mutually_exclusive_group()

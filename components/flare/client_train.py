@@ -22,6 +22,7 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from flare_lora.components.algorithms.merge import weights_digest
+from flare_lora.components.data.prompts import truncated
 from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.flare.ddp import SiteGroup
 from flare_lora.components.flare.site_admission import admit_job
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
         model = add_lora(model, cfg, site)
     model.to(group.device)
     trained = group.wrap(model)  # what train_lora steps: DDP averages the ranks' gradients
-    train_set, eval_set = load_site_data(args.data, site, args.site_index, seed=cfg.seed)
+    train_set, eval_set, cut = site_records(args, site, cfg, tokenizer)
     log.info(f"{site}: {len(train_set)} train / {len(eval_set)} eval records, "
              + (f"rank {cfg.rank}" if method.lora else "full-parameter fine-tuning"))
     dp = DPSGD.for_site(cfg, site, len(train_set), local)  # None without DP; a spent budget fails here
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
         group.check_same(weights_digest(trainable), f"site {site!r} round {rnd}: trained weights")
         if not group.is_main:
             continue
-        stats["processes"] = group.world
+        stats.update(processes=group.world, truncated=cut)
         stats = released_train_stats(stats) if dp is not None else stats
         meta.update(num_examples=len(train_set), train=stats)
         metrics = dp_metrics(metrics, dp)
@@ -114,6 +115,17 @@ def main(argv=None) -> None:
         params = lora_state(model) if method.lora else trainable_state(model)
         flare.send(FLModel(params=params, params_type=ParamsType.FULL, metrics=metrics, meta=meta))
     group.close()
+
+
+def site_records(args: argparse.Namespace, site: str, cfg: SiteConfig, tokenizer) -> tuple[list, list, int]:
+    """(train, eval, how many training records are longer than max_length), the count logged here."""
+    train_set, eval_set = load_site_data(args.data, site, args.site_index, seed=cfg.seed)
+    cut = truncated(tokenizer, train_set, cfg.max_length, f"site {site!r} training data")
+    cut_eval = truncated(tokenizer, eval_set, cfg.max_length, f"site {site!r} evaluation data")
+    if cut or cut_eval:
+        log.warning(f"{site}: {cut} of {len(train_set)} training and {cut_eval} of {len(eval_set)} evaluation records "
+                    f"are longer than max_length {cfg.max_length} tokens and are cut (site config key max_length)")
+    return train_set, eval_set, cut
 
 
 def load_model(model: str | None, cfg: SiteConfig):
@@ -156,6 +168,7 @@ class SelectiveSite:
         self.score_batches = score_batches
         self.versions: dict[int, int] = {}
         self.dp = dp  # sample-level DP-SGD for train tasks; layer scores then carry no data
+        self.truncated = 0  # training records longer than max_length
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, site: str, cfg: SiteConfig, local: SiteLocal) -> SelectiveSite:
@@ -166,10 +179,11 @@ class SelectiveSite:
         else:
             for param in model.parameters():
                 param.requires_grad_(False)
-        train_set, eval_set = load_site_data(args.data, site, args.site_index, seed=cfg.seed)
+        train_set, eval_set, cut = site_records(args, site, cfg, tokenizer)
         handler = cls(model, tokenizer, train_set, eval_set, cfg, site=site, site_index=args.site_index,
                       mode=args.mode, budget=args.budget, score_batches=args.score_batches,
                       layer_cap=local.max_layers, dp=DPSGD.for_site(cfg, site, len(train_set), local))
+        handler.truncated = cut
         log.info(f"{site}: {len(train_set)} train / {len(eval_set)} eval records, mode {args.mode}, "
                  f"{handler.num_layers} layers, budget {handler.budget} (cap {handler.budget_cap})")
         return handler
@@ -243,7 +257,7 @@ class SelectiveSite:
         finally:
             load_layer_state(self.model, snapshot, self.mode)
             set_trainable_layers(self.model, [], self.mode)
-        stats["layers"] = layers
+        stats.update(layers=layers, truncated=self.truncated)
         return update, released_train_stats(stats) if self.dp is not None else stats
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from flare_lora.components.data.prompts import IGNORE_INDEX, collate, encode, exact_match, prompt_ids
-from flare_lora.components.data.records import has_reference
+from flare_lora.components.data.records import reference
 from flare_lora.components.training.config import SiteConfig
 
 
@@ -161,10 +161,10 @@ def evaluate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> dict:
         loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + n
     eval_loss = loss_sum / n_tokens if n_tokens else math.nan
     result = {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "n": len(records)}
-    scored = [r for r in records if has_reference(r)]
+    scored = [r for r in records if reference(r) is not None]
     if scored:
         predictions = _generate(model, tokenizer, scored, cfg)
-        hits = sum(exact_match(p, r["output"]) for p, r in zip(predictions, scored))
+        hits = sum(exact_match(p, reference(r)) for p, r in zip(predictions, scored))
         result["exact_match"] = hits / len(scored)
     return result
 
