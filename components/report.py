@@ -18,7 +18,7 @@ def load_metrics(path: str) -> dict:
 
 
 def per_round(log: dict) -> list[dict]:
-    """Rows {round, site, eval_loss, exact_match, train_loss, upload_bytes, download_bytes}."""
+    """Rows {round, site, eval_loss, exact_match, mc_accuracy, train_loss, upload_bytes, download_bytes}."""
     records = list(log.get("rounds", []))
     if log.get("final"):
         records.append(log["final"])
@@ -35,6 +35,7 @@ def per_round(log: dict) -> list[dict]:
                     "site": site,
                     "eval_loss": metrics.get("eval_loss"),
                     "exact_match": metrics.get("exact_match"),
+                    "mc_accuracy": metrics.get("mc_accuracy"),
                     "train_loss": (trained.get("train") or {}).get("train_loss"),
                     "upload_bytes": trained.get("upload_bytes") if t else None,
                     "download_bytes": trained.get("download_bytes") if t else None,
@@ -63,12 +64,16 @@ def comm_totals(log: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'round':>5}  {'site':<10} {'eval_loss':>9} {'exact_match':>11} {'train_loss':>10} {'up_MB':>8} {'down_MB':>8}"
+    """One line per round and site; the multiple-choice column only where a site scored one (--eval)."""
+    mc = any(r.get("mc_accuracy") is not None for r in rows)
+    header = (f"{'round':>5}  {'site':<10} {'eval_loss':>9} {'exact_match':>11}" + (f" {'mc_acc':>7}" if mc else "")
+              + f" {'train_loss':>10} {'up_MB':>8} {'down_MB':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['round']:>5}  {r['site']:<10} {_num(r['eval_loss'], 4):>9} {_num(r['exact_match'], 3):>11} "
-            f"{_num(r['train_loss'], 4):>10} {_mb(r['upload_bytes']):>8} {_mb(r['download_bytes']):>8}"
+            f"{r['round']:>5}  {r['site']:<10} {_num(r['eval_loss'], 4):>9} {_num(r['exact_match'], 3):>11}"
+            + (f" {_num(r.get('mc_accuracy'), 3):>7}" if mc else "")
+            + f" {_num(r['train_loss'], 4):>10} {_mb(r['upload_bytes']):>8} {_mb(r['download_bytes']):>8}"
             + (f"  {r['status']}" if r["status"] else "")
         )
     return "\n".join(lines)
@@ -92,7 +97,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    keys = [k for k in ("eval_loss", "exact_match") if any(r[k] is not None for r in rows)]
+    keys = [k for k in ("eval_loss", "exact_match", "mc_accuracy") if any(r.get(k) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for site in sorted({r["site"] for r in rows}):
@@ -115,8 +120,8 @@ def write_tensorboard(rows: list[dict], log_dir: str) -> str:
 
     with SummaryWriter(log_dir) as writer:
         for r in rows:
-            for key in ("eval_loss", "exact_match", "train_loss", "upload_bytes", "download_bytes"):
-                if r[key] is not None:
+            for key in ("eval_loss", "exact_match", "mc_accuracy", "train_loss", "upload_bytes", "download_bytes"):
+                if r.get(key) is not None:
                     writer.add_scalar(f"{r['site']}/{key}", r[key], r["round"])
     return log_dir
 

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 
 RELEASED_TRAIN_STATS = ("steps", "seconds", "processes", "layers", "dp")
 METRICS_KEY = "initial_metrics"  # nvflare MetaKey.INITIAL_METRICS: the evaluation metrics of a result
-FLARE_LORA_METRICS = ("eval_loss", "perplexity", "n", "exact_match", "dp_epsilon", "client_dp_epsilon")
+FLARE_LORA_METRICS = ("eval_loss", "perplexity", "n", "exact_match", "mc_accuracy", "mc_n", "dp_epsilon",
+                      "client_dp_epsilon")
 MAX_METRICS = 64  # names a job other than flare-lora's may report
 CRITERIA = ("grad_norm", "rgn", "snr")  # a selective site's layer-score criteria
 FACT_KEYS = ("merged_rounds", "layers", "layer_versions", "rank", "alpha", "num_layers", "budget",

@@ -24,6 +24,7 @@ from flare_lora.components.cli.lora_job import FEDCDD_KEYS
 pytestmark = pytest.mark.e2e  # ~200 in-process exports: tens of seconds
 
 SITE_SCRIPT = Path(__file__).resolve().parent / "sites" / "bad_site.py"
+MMLU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
 
 LOCAL_ONLY = {  # option -> why an exported job is the same with it
     "--env": "where this machine runs the job; an exported job runs wherever it is submitted",
@@ -51,7 +52,9 @@ def values(data: Path, site_config: Path, other_model: Path) -> dict[str, tuple[
     dp = ["--dp-noise-multiplier", "1.0"]
     client_dp = ["--client-dp-clip", "0.1", "--client-dp-sigma", "1.0"]
     mask = ["--mask-rho", "0.5"]
+    mc = ["--eval", str(MMLU)]
     return {
+        "--eval": ([], mc), "--eval-shots": (mc, ["--eval-shots", "5"]), "--eval-limit": (mc, ["--eval-limit", "2"]),
         "--ranks": ([], ["--ranks", "4,4"]), "--alpha-ratio": ([], ["--alpha-ratio", "4"]),
         "--target-modules": ([], ["--target-modules", "q_proj"]), "--steps": ([], ["--steps", "7"]),
         "--lr": ([], ["--lr", "0.01"]), "--batch-size": ([], ["--batch-size", "7"]),

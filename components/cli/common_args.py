@@ -45,6 +45,11 @@ def add_common_args(p: argparse.ArgumentParser, *, ranks: bool = True, rounds: b
                    help="the base model's dtype at every site (default float32; LoRA factors stay float32)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more compute (not with DP-SGD)")
+    g.add_argument("--eval", default=None, metavar="PATH",
+                   help="multiple-choice questions every site scores the global model on each round, by log-likelihood "
+                        "(an MMLU folder or a JSONL of {question, choices, answer}; a path at the sites)")
+    g.add_argument("--eval-shots", type=int, default=None, metavar="K", help="--eval: solved examples per question (default 0)")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="--eval: first N questions per subject")
     g.add_argument("--site-config", default=None,
                    help="JSON file {site: {key: value}} overriding the above per site (only the job's sites)")
     g = p.add_argument_group("job")

@@ -3,6 +3,7 @@
     flare-lora run JOB [options]          run JOB (flora, fedcdd, one-shot, selective) with --env sim|poc|prod
     flare-lora export JOB [options]       write JOB's folder for `nvflare job submit` (--export-dir DIR, default ./fl_job)
     flare-lora report RESULTS_DIR         print a job's table, write curves.png and tensorboard/ from metrics.json
+    flare-lora eval [RESULTS_DIR] --mc P  multiple-choice accuracy (MMLU, log-likelihood) of the base or a job's model
     flare-lora site-policy KIT_DIR ...    let a site run jobs without code (class allow-list, deny byoc)
     flare-lora provision --sites A,B ...  a project.yml for `nvflare provision` from the shipped template
     flare-lora split DATA --out DIR ...   split one dataset into per-site JSONL files
@@ -26,6 +27,7 @@ JOBS = {
 }
 TOOLS = {  # command -> module:function(argv) -> exit status
     "report": "flare_lora.components.cli.results:report_main",
+    "eval": "flare_lora.components.cli.evaluate:main",
     "site-policy": "flare_lora.components.flare.site_policy:main",
     "provision": "flare_lora.components.flare.provision:main",
     "split": "flare_lora.components.data.split:main",

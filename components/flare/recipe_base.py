@@ -35,6 +35,7 @@ from flare_lora.components.flare.site_args import to_args
 from flare_lora.components.site_local import FILE_NAME, SiteLocal, is_logical_name
 from flare_lora.components.strategies.base import DEFAULT_MAX_EXAMPLES, DEFAULT_MAX_UPDATE_NORM, check_limits
 from flare_lora.components.training.config import ConfigError, SiteConfig
+from flare_lora.components.training.multiple_choice import check_source
 from flare_lora.privacy.dp_config import plan_dp_steps
 from flare_lora.privacy.flare.client_dp_filter import ClientDPFilter
 from flare_lora.privacy.flare.he_filters import add_he_filters
@@ -222,6 +223,8 @@ class SiteRecipe(Recipe):
                 raise FileNotFoundError(f"site {site!r}: model directory not found: {model}")
             if data:
                 load_site_data(data, site, index, seed=cfg["seed"])
+            if cfg.get("eval_mc"):  # the questions (and k solved examples per subject) load
+                check_source(cfg["eval_mc"], cfg.get("eval_mc_limit"), cfg.get("eval_mc_shots", 0), f"site {site!r}")
 
     # --- what a job supplies -------------------------------------------------------------
 

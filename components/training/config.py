@@ -33,6 +33,10 @@ class SiteConfig:
     threads: int | None = None
     seed: int = 0
     max_eval: int | None = None
+    # multiple-choice evaluation each round (training/multiple_choice.py): an MMLU folder or JSONL at the site
+    eval_mc: str | None = None
+    eval_mc_shots: int = 0
+    eval_mc_limit: int | None = None
     # memory (docs/production.md section 5): the base model's dtype (LoRA factors stay float32) and
     # activation recomputation in the backward pass
     dtype: str = "float32"
@@ -129,7 +133,11 @@ def _optional(rule):
 
 
 def _check_dp(cfg: SiteConfig, site: str) -> None:
-    """DP settings that only make sense together; privacy is never silently off."""
+    """DP settings that only make sense together; privacy is never silently off. (And the
+    multiple-choice evaluation's settings, which need its questions.)"""
+    if cfg.eval_mc is None and (cfg.eval_mc_shots or cfg.eval_mc_limit is not None):
+        key = "eval_mc_shots" if cfg.eval_mc_shots else "eval_mc_limit"
+        raise ConfigError(f"site {site!r}: key {key!r}: a multiple-choice setting without questions; expected eval_mc too")
     if cfg.dp_epsilon is not None and cfg.dp_noise_multiplier is not None:
         raise ConfigError(f"site {site!r}: key 'dp_noise_multiplier': expected either dp_epsilon (a target) or "
                           f"dp_noise_multiplier, got both ({cfg.dp_epsilon!r} and {cfg.dp_noise_multiplier!r})")
@@ -166,6 +174,9 @@ _RULES = {
     "threads": _int(1, optional=True),
     "seed": _int(0),
     "max_eval": _int(1, optional=True),
+    "eval_mc": lambda v: None if v is None or (isinstance(v, str) and v.strip()) else "a path or null",
+    "eval_mc_shots": _int(0),
+    "eval_mc_limit": _int(1, optional=True),
     "dtype": lambda v: None if v in DTYPES else f"one of {list(DTYPES)}",
     "gradient_checkpointing": lambda v: None if isinstance(v, bool) else "true or false",
     "dp_epsilon": _optional(positive),

@@ -9,6 +9,7 @@ vocabulary projection is a fifth of a small model's compute and the prompt needs
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import sys
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from flare_lora.components.data.prompts import IGNORE_INDEX, collate, encode, exact_match, prompt_ids
 from flare_lora.components.data.records import reference
+from flare_lora.components.training.multiple_choice import accuracy, load_questions, load_shots
 from flare_lora.components.training.config import SiteConfig
 
 
@@ -166,7 +168,17 @@ def evaluate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> dict:
         predictions = _generate(model, tokenizer, scored, cfg)
         hits = sum(exact_match(p, reference(r)) for p, r in zip(predictions, scored))
         result["exact_match"] = hits / len(scored)
+    if cfg.eval_mc:
+        questions, shots = mc_questions(cfg.eval_mc, cfg.eval_mc_limit, cfg.eval_mc_shots)
+        mc = accuracy(model, tokenizer, questions, shots=shots, k=cfg.eval_mc_shots, batch_size=cfg.eval_batch_size)
+        result.update(mc_accuracy=mc["accuracy"], mc_n=mc["n"])
     return result
+
+
+@functools.lru_cache(maxsize=2)
+def mc_questions(path: str, limit: int | None, shots: int) -> tuple[dict, dict]:
+    """The multiple-choice questions (and solved examples) a site scores every round, read once."""
+    return load_questions(path, limit=limit), load_shots(path) if shots else {}
 
 
 def _generate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> list[str]:

@@ -1,0 +1,161 @@
+"""Multiple-choice evaluation by log-likelihood, as lm-evaluation-harness scores MMLU.
+
+Each question is asked as "<question>\\nA. ...\\nB. ...\\nAnswer:" after k solved examples of its
+subject (k-shot); the model's choice is the letter continuation (" A", " B", ...) with the highest
+log-likelihood. Nothing is generated, so scoring costs one forward pass per question.
+
+Questions come from an MMLU folder (``test/<subject>_test.csv`` and ``dev/<subject>_dev.csv`` with
+the header question,choice0..choiceN,answer; answer is the 0-based index) or a JSONL file of
+``{"question", "choices": [...], "answer": index, "subject" (optional)}`` records.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flare_lora.components.data.records import DataError
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True)
+class Question:
+    subject: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+def load_questions(path: str, split: str = "test", limit: int | None = None) -> dict[str, list[Question]]:
+    """{subject: questions} from an MMLU folder's ``split`` or a JSONL file; the first ``limit`` per subject."""
+    source = Path(path)
+    if source.is_dir():
+        files = sorted((source / split).glob(f"*_{split}.csv"))
+        if not files:
+            raise DataError(f"{source}: expected MMLU CSVs {split}/<subject>_{split}.csv, found none")
+        by_subject = {f.name[: -len(f"_{split}.csv")]: _read_csv(f) for f in files}
+    elif source.is_file():
+        by_subject = _read_jsonl(source)
+    else:
+        raise DataError(f"multiple-choice data not found: {source}")
+    return {s: qs[:limit] if limit else qs for s, qs in sorted(by_subject.items()) if qs}
+
+
+def load_shots(path: str) -> dict[str, list[Question]]:
+    """Solved examples for k-shot prompts: an MMLU folder's dev split, or ``<stem>.dev.jsonl`` beside a
+    JSONL file ({} where there is none)."""
+    source = Path(path)
+    if source.is_dir():
+        return load_questions(path, "dev") if (source / "dev").is_dir() else {}
+    dev = source.with_name(source.name.removesuffix(".jsonl") + ".dev.jsonl")
+    return load_questions(str(dev)) if dev.is_file() else {}
+
+
+def check_source(path: str, limit: int | None, k: int, site: str) -> None:
+    """DataError naming ``site`` unless ``path``'s questions load and every subject has k solved examples."""
+    try:
+        questions = load_questions(path, limit=limit)
+        shots = load_shots(path) if k else {}
+    except DataError as e:
+        raise DataError(f"{site}: key 'eval_mc': {e}") from None
+    short = sorted(s for s in questions if len(shots.get(s, [])) < k)
+    if short:
+        raise DataError(f"{site}: key 'eval_mc_shots': {k}-shot needs {k} solved examples per subject (an MMLU dev/ "
+                        f"split or <name>.dev.jsonl); subject {short[0]!r} has {len(shots.get(short[0], []))}")
+
+
+def _read_csv(path: Path) -> list[Question]:
+    subject = path.name.rsplit("_", 1)[0]
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        choices = [c for c in reader.fieldnames or [] if c.startswith("choice")]
+        if "question" not in (reader.fieldnames or []) or "answer" not in (reader.fieldnames or []) or len(choices) < 2:
+            raise DataError(f"{path}: expected the header question,choice0,...,answer; got {reader.fieldnames}")
+        return [_question(subject, row["question"], [row[c] for c in choices], row["answer"], f"{path}:{reader.line_num}")
+                for row in reader]
+
+
+def _read_jsonl(path: Path) -> dict[str, list[Question]]:
+    out: dict[str, list[Question]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: expected a JSON object, got invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("choices"), list):
+            raise DataError(f'{where}: expected {{"question": str, "choices": [str, ...], "answer": index}}, got {line[:80]!r}')
+        question = _question(str(row.get("subject", "all")), row["question"], row["choices"], row.get("answer"), where)
+        out.setdefault(question.subject, []).append(question)
+    return out
+
+
+def _question(subject: str, text: str, choices: list, answer, where: str) -> Question:
+    if not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: expected 2 to {len(LETTERS)} string choices, got {choices!r:.80}")
+    try:
+        index = int(answer)
+    except (TypeError, ValueError):
+        index = -1
+    if not 0 <= index < len(choices) or str(answer).strip() not in (str(index), f"{index}.0"):
+        raise DataError(f"{where}: expected answer to be a choice index 0..{len(choices) - 1}, got {answer!r}")
+    return Question(subject, text, tuple(choices), index)
+
+
+def _block(q: Question, with_answer: bool) -> str:
+    options = "".join(f"\n{LETTERS[i]}. {c.strip()}" for i, c in enumerate(q.choices))
+    return f"{q.question.strip()}{options}\nAnswer:" + (f" {LETTERS[q.answer]}\n\n" if with_answer else "")
+
+
+def prompt(q: Question, shots: list[Question]) -> str:
+    """lm-eval-harness' MMLU prompt: a description line, k solved examples, the question."""
+    subject = q.subject.replace("_", " ")
+    head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    return head + "".join(_block(s, True) for s in shots) + _block(q, False)
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, questions: dict[str, list[Question]], *, shots: dict[str, list[Question]] | None = None,
+             k: int = 0, batch_size: int = 8, max_length: int = 2048) -> dict:
+    """{"accuracy", "n", "subjects": {subject: accuracy}} of ``model`` choosing by letter log-likelihood.
+
+    k-shot prompts take the first k of ``shots[subject]`` (MMLU's dev split). A prompt longer than
+    max_length keeps its last tokens (the question), as lm-eval-harness does."""
+    letters = [tokenizer(f" {LETTER}", add_special_tokens=False)["input_ids"] for LETTER in LETTERS]
+    if any(len(ids) != 1 for ids in letters):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} splits a letter answer into several tokens")
+    letter_ids = torch.tensor([ids[0] for ids in letters])
+    model.eval()
+    device = next(model.parameters()).device
+    items = [(s, q) for s, qs in questions.items() for q in qs]
+    encoded = []
+    for subject, q in items:
+        solved = (shots or {}).get(subject, [])[:k]
+        if len(solved) < k:
+            raise DataError(f"{k}-shot: subject {subject!r} has {len(solved)} solved examples")
+        encoded.append(tokenizer(prompt(q, solved), add_special_tokens=True)["input_ids"][-max_length:])
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+    correct: dict[str, list[int]] = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count from each prompt's start
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits[:, -1, :].float()
+        for row, i in enumerate(chunk):
+            subject, q = items[i]
+            scores = torch.log_softmax(logits[row], -1)[letter_ids[: len(q.choices)].to(device)]
+            correct.setdefault(subject, []).append(int(scores.argmax().item() == q.answer))
+    n = sum(len(v) for v in correct.values())
+    return {"accuracy": sum(map(sum, correct.values())) / n if n else math.nan, "n": n,
+            "subjects": {s: sum(v) / len(v) for s, v in sorted(correct.items())}}
