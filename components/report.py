@@ -136,5 +136,6 @@ def write_report(log: dict, out_dir: str, title: str = "") -> dict:
     return {
         "table": table,
         "plot": plot(rows, os.path.join(out_dir, "curves.png"), title),
-        "tensorboard": write_tensorboard(rows, os.path.join(out_dir, "tensorboard")),
+        # the scalars the job streamed live (tracking receiver), or, without them, these rows
+        "tensorboard": tb if os.path.isdir(tb := os.path.join(out_dir, "tensorboard")) else write_tensorboard(rows, tb),
     }

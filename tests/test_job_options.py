@@ -34,6 +34,8 @@ LOCAL_ONLY = {  # option -> why an exported job is the same with it
     "--results": "where this machine copies the results after a run",
     "--save-merged": "merges the results on this machine after a run",
     "--overwrite": "lets this machine replace an earlier run's results after a run",
+    "--log-level": "the simulator's console on this machine (refused with --env poc/prod)",
+    "-v": "--log-level full",
 }
 REFUSED = {  # (job, option) -> why that job refuses it
     **{("flora", f"--fedcdd-{key}"): "FedCDD's own options need --method fedcdd"
@@ -54,7 +56,7 @@ def values(data: Path, site_config: Path, other_model: Path) -> dict[str, tuple[
     mask = ["--mask-rho", "0.5"]
     mc = ["--eval", str(MMLU)]
     return {
-        "--eval": ([], mc), "--eval-shots": (mc, ["--eval-shots", "5"]), "--eval-limit": (mc, ["--eval-limit", "2"]),
+        "--tracking": ([], ["--tracking", "none"]), "--eval": ([], mc), "--eval-shots": (mc, ["--eval-shots", "5"]), "--eval-limit": (mc, ["--eval-limit", "2"]),
         "--ranks": ([], ["--ranks", "4,4"]), "--alpha-ratio": ([], ["--alpha-ratio", "4"]),
         "--target-modules": ([], ["--target-modules", "q_proj"]), "--steps": ([], ["--steps", "7"]),
         "--lr": ([], ["--lr", "0.01"]), "--batch-size": ([], ["--batch-size", "7"]),

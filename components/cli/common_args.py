@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from flare_lora.components.flare.log_config import LOG_LEVELS
+from flare_lora.components.flare.tracking import TRACKING
 from flare_lora.components.training.config import DTYPES
 from flare_lora.privacy.dp_config import add_dp_args
 
@@ -72,6 +74,10 @@ def add_common_args(p: argparse.ArgumentParser, *, ranks: bool = True, rounds: b
                    help="a site's own training script speaking the same protocol (repeatable)")
     g = p.add_argument_group("environment (--export / --export-dir: write the job folder for `nvflare job submit`)")
     g.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
+    g.add_argument("--log-level", choices=LOG_LEVELS, default="concise",
+                   help="simulator console: concise (default: a line per site per round, warnings), FLARE's modes "
+                        "(full, verbose, msg_only) or a level; FLARE's logs always go to the workspace's log files")
+    g.add_argument("-v", dest="log_level", action="store_const", const="full", help="--log-level full")
     g.add_argument("--workspace", default=None, help="simulator / POC workspace (default: a new /tmp/flare_lora/<env>-XXXX per run)")
     g.add_argument("--startup-kit", default=None, help="admin startup kit (--env prod)")
     g.add_argument("--site-local", action="append", default=[], metavar="SITE=PATH",
@@ -84,6 +90,9 @@ def add_common_args(p: argparse.ArgumentParser, *, ranks: bool = True, rounds: b
     g.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's results in --results (only files flare-lora wrote there)")
     g.add_argument("--save-merged", action="store_true", help="also write the base with the trained weights as an HF model dir")
+    g.add_argument("--tracking", choices=TRACKING, default="tensorboard",
+                   help="live experiment tracking: sites stream their scalars to FLARE's receiver on the server "
+                        "(default tensorboard; mlflow needs `pip install mlflow`)")
     add_dp_args(p)
     g = p.add_argument_group("homomorphic encryption (docs/he.md)")
     g.add_argument("--he", action="store_true",

@@ -15,11 +15,17 @@ def make_env(args, sites: dict):
         raise ValueError(f"--startup-kit: only with --env prod (the simulator and POC make their own), got --env {args.env}")
     if args.workspace and args.env == "prod":
         raise ValueError("--workspace: not with --env prod (the deployment's server keeps the workspace)")
+    if args.log_level != "concise" and args.env != "sim":
+        raise ValueError(f"--log-level: the simulator's console only; POC and prod processes log to their own "
+                         f"workspaces (a site's local/log_config.json), got --env {args.env}")
     workspace = args.workspace or run_workspace(args.env)
     if args.env == "sim":
         from nvflare.recipe import SimEnv
 
-        return SimEnv(clients=list(sites), num_threads=len(sites), workspace_root=workspace)
+        from flare_lora.components.flare.log_config import log_config
+
+        return SimEnv(clients=list(sites), num_threads=len(sites), workspace_root=workspace,
+                      log_config=log_config(args.log_level, workspace))
     if args.env == "poc":
         return poc_env(args, list(sites), workspace)
     from nvflare.recipe import ProdEnv

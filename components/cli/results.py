@@ -88,6 +88,7 @@ def collect_results(result_dir: str | None, out_dir: str, overwrite: bool = Fals
             shutil.rmtree(out_dir)  # empty, or results this command wrote
         shutil.copytree(src, out_dir)
         mark_results(out_dir)
+    copy_tracking(result_dir, src, out_dir)
     log = load_metrics(os.path.join(out_dir, "metrics.json"))
     if not log.get("model_at_sites"):
         return log
@@ -100,6 +101,19 @@ def collect_results(result_dir: str | None, out_dir: str, overwrite: bool = Fals
             log[key] = name
             print(f"HE: {name} decrypted at a site: {at_sites[0]}")
     return log
+
+
+TRACKING_OUTPUTS = {"tb_events": "tensorboard", "mlflow.db": "mlflow.db"}  # the server's receiver -> results
+
+
+def copy_tracking(result_dir: str, src: str, out_dir: str) -> None:
+    """What the job's tracking receiver wrote on the server (TensorBoard events, the MLflow store),
+    into ``out_dir``: the same scalars the sites streamed while the job ran."""
+    server_run = os.path.dirname(os.path.abspath(src))
+    for name, dest in TRACKING_OUTPUTS.items():
+        found = sorted(glob.glob(os.path.join(server_run, "**", name), recursive=True))
+        if found and not os.path.exists(os.path.join(out_dir, dest)):
+            (shutil.copytree if os.path.isdir(found[0]) else shutil.copy)(found[0], os.path.join(out_dir, dest))
 
 
 def report_results(log: dict, out_dir: str, title: str) -> dict:
@@ -132,8 +146,6 @@ def print_report(report: dict) -> None:
         print("records longer than max_length (cut in training): " + ", ".join(f"{s} {n}" for s, n in sorted(cut.items())))
     if log.get("selections"):
         print_selections(log)
-    if log.get("error"):
-        print(f"JOB FAILED: {log['error']}")
     print(f"results: {report['out_dir']} (metrics.json, table.txt, curves.png, tensorboard/)")
     if log.get("adapter"):
         print(f"adapter: {os.path.join(report['out_dir'], log['adapter'])}  (PeftModel.from_pretrained(base, that_dir))")
@@ -187,6 +199,8 @@ def report_main(argv=None) -> int:
         return 2
     before = set(files_in(args.results_dir)) if os.path.isdir(args.results_dir) else set()
     print_report(report_results(log, args.results_dir, args.title or os.path.basename(os.path.abspath(args.results_dir))))
+    if log.get("error"):
+        print(f"the job FAILED: {log['error']}")
     listed = written_files(args.results_dir)
     if listed:  # a folder a run wrote: what the report added is flare-lora's too
         mark_results(args.results_dir, listed | (set(files_in(args.results_dir)) - before))

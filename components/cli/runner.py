@@ -7,13 +7,17 @@ before anything starts.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from flare_lora.components.cli.environments import make_env
 from flare_lora.components.cli.run_record import describe_results, run_config
+from flare_lora.components.flare.tracking import add_tracking
 from flare_lora.components.cli.results import (
     check_results_dir,
     collect_results,
@@ -45,6 +49,7 @@ def run_job(parser, build: Callable[..., Job], argv=None, *, export: bool = Fals
     args = parser.parse_args(argv)
     try:
         job = build(args, exporting=export)
+        add_tracking(job.recipe, args.tracking, job.sites)
         if export:
             job.recipe.export(export_dir())
             print(f"job exported to {os.path.join(export_dir(), job.name)}  (nvflare job submit -j that_dir)")
@@ -68,16 +73,18 @@ def run_recipe(job: Job, env, results_dir: str, args, config: dict) -> int:
     """
     from nvflare.recipe import SimEnv
 
+    start = time.monotonic()
     try:
         try:
             run = job.recipe.run(env)
-            result = run.get_result(clean_up=False)
-            print(f"job {run.get_job_id()} finished with status {run.get_status()}; workspace: {result}")
+            with contextlib.redirect_stdout(io.StringIO()) if isinstance(env, SimEnv) else contextlib.nullcontext():
+                result = run.get_result(clean_up=False)  # SimEnv prints that it keeps no status
+            status = None if isinstance(env, SimEnv) else run.get_status()
         except RuntimeError as e:
-            print(f"job failed: {e}", file=sys.stderr)
             if not isinstance(env, SimEnv):  # POC / prod: logs stay in the workspace
+                print(f"job {job.name} FAILED: {e}", file=sys.stderr)
                 return 1
-            result = env.get_job_result(job.name)  # the simulator exited non-zero; its workspace remains
+            result, status = env.get_job_result(job.name), None  # the simulator exited non-zero; its workspace remains
     finally:
         env.stop()
     log = collect_results(result, results_dir, args.overwrite)
@@ -87,4 +94,8 @@ def run_recipe(job: Job, env, results_dir: str, args, config: dict) -> int:
         report["merged"] = save_merged(args.model, results_dir, log)
     mark_results(results_dir)
     print_report(report)
-    return 1 if log.get("error") or not log.get("final") else 0
+    failure = log.get("error") or (None if log.get("final") else f"the job ended before its final evaluation (status {status})")
+    took = time.monotonic() - start
+    print(f"job {job.name} {'FAILED: ' + failure if failure else 'COMPLETED'} in {int(took // 60)} min {took % 60:.0f} s; "
+          f"FLARE's logs: {result}")
+    return 1 if failure else 0

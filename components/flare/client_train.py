@@ -27,6 +27,7 @@ from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.flare.ddp import SiteGroup
 from flare_lora.components.flare.site_admission import admit_job
 from flare_lora.components.flare.site_args import client_parser, from_args
+from flare_lora.components.flare.tracking import SiteTracker
 from flare_lora.components.site_local import SiteLocal
 from flare_lora.components.strategies import get_method
 from flare_lora.components.training.config import SiteConfig
@@ -83,6 +84,7 @@ def main(argv=None) -> None:
     if dp is not None and group.world > 1:
         raise DPUnsupported(f"site {site!r}: DP-SGD with {group.world} DDP processes is not supported; use --ddp 1")
     merged = 0
+    tracker = SiteTracker() if group.is_main else None
 
     for task in group.tasks(flare):
         rnd = task.current_round
@@ -96,6 +98,7 @@ def main(argv=None) -> None:
         if group.is_main:
             metrics = evaluate(model, tokenizer, eval_set, cfg)
             meta = {"merged_rounds": merged, "base_digest": digest}
+            tracker.evaluated(rnd, dp_metrics(metrics, dp))
         if not task.train:
             if group.is_main:
                 flare.send(FLModel(metrics=dp_metrics(metrics, dp), meta=meta))
@@ -107,6 +110,7 @@ def main(argv=None) -> None:
         if not group.is_main:
             continue
         stats.update(processes=group.world, truncated=cut)
+        tracker.trained(rnd + 1, stats, private=dp is not None or task.init_seed is not None)
         stats = released_train_stats(stats) if dp is not None else stats
         meta.update(num_examples=len(train_set), train=stats)
         metrics = dp_metrics(metrics, dp)
@@ -263,12 +267,15 @@ class SelectiveSite:
 
 def serve(handler: SelectiveSite) -> None:
     """The FLARE Client API loop around a task handler."""
+    tracker = SiteTracker()
     while flare.is_running():
         task = flare.receive()
         if task is None:
             break
         rnd = task.current_round or 0
         params, metrics, meta = handler.handle(flare.get_task_name(), task.params or {}, task.meta or {}, rnd)
+        tracker.evaluated(rnd, metrics)
+        tracker.trained(rnd + 1, meta.get("train"), private=handler.dp is not None or INIT_SEED_KEY in (task.meta or {}))
         flare.send(FLModel(params=params or None, params_type=ParamsType.FULL if params else None,
                            metrics=metrics, meta=meta))
 

@@ -128,3 +128,15 @@ def set_launch_command(executor, command: str) -> None:
 def task_check_period(controller) -> float:
     """How often a ModelController polls its standing tasks (a private attribute in 2.9)."""
     return float(getattr(controller, "_task_check_period", 0.5))
+
+
+def recipe_job(recipe):
+    """The FedJob a Recipe wraps (``Recipe._job``; nvflare 2.9 has no public accessor)."""
+    return recipe._job
+
+
+def default_log_config() -> dict:
+    """FLARE's default logging dictConfig (``log_utils.default_log_dict``: a module global, not an API)."""
+    from nvflare.fuel.utils import log_utils
+
+    return log_utils.default_log_dict

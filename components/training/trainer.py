@@ -94,7 +94,7 @@ def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: 
     start = time.perf_counter()
     model.train()
     session = dp.session(model, optimizer, len(records), cfg) if dp is not None else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=[]), tqdm(total=cfg.local_steps, desc=desc, file=sys.stderr) as bar, \
+    with torch.random.fork_rng(devices=[]), tqdm(total=cfg.local_steps, desc=desc, file=sys.stderr, disable=None) as bar, \
             session as private:
         torch.manual_seed(cfg.seed)  # LoRA dropout
         for _ in range(cfg.local_steps):
