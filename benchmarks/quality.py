@@ -204,7 +204,7 @@ def make_data(mode: str, args, tokenizer, cache: dict, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 _captured: list[list[str]] = []
-_original_generate = trainer_module._generate
+_original_generate = trainer_module.generate_answers
 
 
 def _capturing_generate(model, tokenizer, records, cfg):
@@ -213,7 +213,7 @@ def _capturing_generate(model, tokenizer, records, cfg):
     return answers
 
 
-trainer_module._generate = _capturing_generate  # evaluate() looks _generate up at call time
+trainer_module.generate_answers = _capturing_generate  # evaluate() looks generate_answers up at call time
 
 
 def first_label(prediction: str, labels: list[str]) -> str | None:

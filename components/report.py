@@ -91,11 +91,10 @@ def _mb(value) -> str:
 
 def plot(rows: list[dict], path: str, title: str = "") -> str:
     """PNG: eval loss and exact match per site over rounds."""
-    import matplotlib
+    from flare_lora.components.optional import load
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    load("matplotlib").use("Agg")
+    plt, MaxNLocator = load("matplotlib.pyplot"), load("matplotlib.ticker").MaxNLocator
 
     keys = [k for k in ("eval_loss", "exact_match", "mc_accuracy") if any(r.get(k) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
@@ -113,6 +112,17 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def curves(rows: list[dict], path: str, title: str) -> str | None:
+    """curves.png, or None (with a note) where matplotlib is not installed."""
+    from flare_lora.components.optional import MissingExtra
+
+    try:
+        return plot(rows, path, title)
+    except MissingExtra as e:
+        print(f"curves.png not written: {e}")
+        return None
 
 
 def write_tensorboard(rows: list[dict], log_dir: str) -> str:
@@ -135,7 +145,7 @@ def write_report(log: dict, out_dir: str, title: str = "") -> dict:
         f.write(table + "\n")
     return {
         "table": table,
-        "plot": plot(rows, os.path.join(out_dir, "curves.png"), title),
+        "plot": curves(rows, os.path.join(out_dir, "curves.png"), title),
         # the scalars the job streamed live (tracking receiver), or, without them, these rows
         "tensorboard": tb if os.path.isdir(tb := os.path.join(out_dir, "tensorboard")) else write_tensorboard(rows, tb),
     }

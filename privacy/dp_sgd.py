@@ -35,15 +35,16 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from flare_lora.components.site_local import SiteLocal
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.privacy.ledger import PrivacyLedger, epsilon, site_ledger
+from flare_lora.components.optional import optional
+
+# flare-lora[dp]: imported on first use, so that a site without DP-SGD needs no Opacus
+accountant_utils, grad_sample, optimizers = optional("opacus.accountants.utils"), optional("opacus.grad_sample"), \
+    optional("opacus.optimizers")
+clipping_utils, samplers = optional("opacus.utils.fast_gradient_clipping_utils"), optional("opacus.utils.uniform_sampler")
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_MAX_GRAD_NORM = 1.0
@@ -98,7 +99,7 @@ class DPSGD:
             if cfg.dp_planned_steps is None:
                 raise ConfigError(f"site {site!r}: key 'dp_planned_steps': expected the total local steps the "
                                   "target dp_epsilon covers (the job recipes set rounds x local_steps), got None")
-            self.noise_multiplier = get_noise_multiplier(
+            self.noise_multiplier = accountant_utils.get_noise_multiplier(
                 target_epsilon=cfg.dp_epsilon, target_delta=self.delta, sample_rate=self.sample_rate,
                 steps=cfg.dp_planned_steps, accountant=self.accountant,
             )
@@ -189,11 +190,11 @@ class _Session:
         self.fast = dp.clipping in ("ghost", "fast")
         try:
             if self.fast:
-                self.hooks = GradSampleHooksFastGradientClipping(
+                self.hooks = grad_sample.GradSampleHooksFastGradientClipping(
                     model, loss_reduction="sum", max_grad_norm=dp.max_grad_norm,
                     use_ghost_clipping=dp.clipping == "ghost")
             else:
-                self.hooks = GradSampleHooks(model, loss_reduction="sum", force_functorch=dp.clipping == "functorch")
+                self.hooks = grad_sample.GradSampleHooks(model, loss_reduction="sum", force_functorch=dp.clipping == "functorch")
         except (NotImplementedError, ValueError) as e:
             raise DPUnsupported(f"site {dp.site!r}: Opacus ({dp.clipping}) cannot compute per-record gradients of "
                                 f"the trainable layers: {e}; refusing to train without DP") from e
@@ -202,11 +203,11 @@ class _Session:
         # Opacus draws each step's noise like the parameters it is added to: on their device
         noise = torch.Generator(device=devices.pop()).manual_seed(seeds[0])
         sampling = torch.Generator().manual_seed(seeds[1])  # record indices are drawn on the CPU
-        optimizer_cls = DPOptimizerFastGradientClipping if self.fast else DPOptimizer
+        optimizer_cls = optimizers.DPOptimizerFastGradientClipping if self.fast else optimizers.DPOptimizer
         self.optimizer = optimizer_cls(
             optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             expected_batch_size=dp.sample_rate * dp.num_records, loss_reduction="mean", generator=noise)
-        self.sampler = iter(UniformWithReplacementSampler(
+        self.sampler = iter(samplers.UniformWithReplacementSampler(
             num_samples=dp.num_records, sample_rate=dp.sample_rate, generator=sampling, steps=cfg.local_steps))
         self.noisy_steps = self.charged = 0
 
@@ -242,7 +243,7 @@ class _Session:
             # LoRA's input is a frozen activation: torch notes its backward hook sees outputs only
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             if self.fast:
-                DPTensorFastGradientClipping(self.hooks, self.optimizer, losses, "sum").backward()
+                clipping_utils.DPTensorFastGradientClipping(self.hooks, self.optimizer, losses, "sum").backward()
             else:
                 losses.sum().backward()
         self.optimizer.signal_skip_step(do_skip=True)

@@ -28,8 +28,11 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-import tenseal as ts
-import tenseal.sealapi as sealapi
+
+from flare_lora.components.optional import load, optional
+
+ts = optional("tenseal")  # flare-lora[he]: imported on first use
+sealapi = optional("tenseal.sealapi")
 
 SERVER_CONTEXT = "server_context.tenseal"  # names HEBuilder gives the files in the startup kits
 CLIENT_CONTEXT = "client_context.tenseal"
@@ -52,6 +55,7 @@ def provision_sim_contexts(out_dir: str, **params) -> str:
     ``params`` are HEBuilder's arguments (default :data:`RECOMMENDED`). A random
     ``he_context_id`` beside them plays the part of the kits' shared root certificate.
     """
+    load("tenseal")  # HEBuilder needs it: one line naming flare-lora[he] where it is missing
     from nvflare.lighter.impl.he import HEBuilder
 
     builder = HEBuilder(**{**RECOMMENDED, **params})
@@ -74,6 +78,7 @@ def with_he_builder(project: Mapping, **params) -> dict:
     """A copy of a project.yml config whose provisioning also writes HE contexts (FLARE's HEBuilder,
     ``params`` over :data:`RECOMMENDED`), placed before the last builder (the signing one) as
     ``nvflare poc prepare --he`` does, so that the contexts are signed too."""
+    load("tenseal")  # the provisioning's HEBuilder needs it
     config = copy.deepcopy(dict(project))
     builders = [b for b in config["builders"] if not str(b.get("path", "")).endswith("HEBuilder")]
     builders.insert(len(builders) - 1, {"path": "nvflare.lighter.impl.he.HEBuilder", "args": {**RECOMMENDED, **params}})

@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from opacus.accountants import create_accountant
+from flare_lora.components.optional import optional
+
+accountants = optional("opacus.accountants")  # flare-lora[dp]: imported on first use
 
 LEDGER_DIRNAME = "flare_lora_privacy"  # under the site's FLARE workspace
 
@@ -32,7 +34,7 @@ def epsilon(history: list[Release], delta: float, accountant: str = "rdp") -> fl
     """ε(δ) of the composed history with Opacus' accountant (0 for no release)."""
     if not history:
         return 0.0
-    acc = create_accountant(mechanism=accountant)
+    acc = accountants.create_accountant(mechanism=accountant)
     acc.history = _merge_runs(history)
     return float(acc.get_epsilon(delta=delta))
 

@@ -62,6 +62,10 @@ def test_flora_heterogeneous_ranks_external_process(tmp_path, tiny_model_dir):
     assert config["command"][config["command"].index("--ranks") + 1] == "2,4,8"
     assert [c["rank"] for c in config["sites"].values()] == [2, 4, 8] and config["options"]["rounds"] == 2
     assert config["versions"]["nvflare"].startswith("2.9") and config["model"] == str(tiny_model_dir)
+    report = subprocess.run([sys.executable, "-m", "flare_lora.components.cli.main", "report", str(results), "--samples", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0 and "generation samples" in report.stdout, report.stderr[-2000:]
+    assert all(f"  {site}: " in report.stdout for site in ("site-1", "site-2", "site-3")) and "reference" in report.stdout
     card = (results / "adapter" / "README.md").read_text()
     assert "**Method**: flora, 2 round(s)" in card and "site-3: rank 8" in card and "none (no DP, no HE)" in card
     # a second run into the same folder is refused unless --overwrite; nothing is touched

@@ -191,6 +191,9 @@ def report_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="flare-lora report", description=report_main.__doc__)
     p.add_argument("results_dir", help="a job's results folder (holding metrics.json)")
     p.add_argument("--title", default=None, help="title of curves.png (default: the folder's name)")
+    p.add_argument("--samples", type=int, default=3, metavar="N",
+                   help="print N generation samples per site from its held-out data on this machine (0: none)")
+    p.add_argument("--data", default=None, help="the sites' data dir, where the run's is elsewhere (for --samples)")
     args = p.parse_args(argv)
     try:
         log = load_metrics(os.path.join(args.results_dir, "metrics.json"))
@@ -201,6 +204,10 @@ def report_main(argv=None) -> int:
     print_report(report_results(log, args.results_dir, args.title or os.path.basename(os.path.abspath(args.results_dir))))
     if log.get("error"):
         print(f"the job FAILED: {log['error']}")
+    if args.samples > 0 and not log.get("error"):
+        from flare_lora.components.cli.samples import print_samples
+
+        print_samples(args.results_dir, args.samples, args.data)
     listed = written_files(args.results_dir)
     if listed:  # a folder a run wrote: what the report added is flare-lora's too
         mark_results(args.results_dir, listed | (set(files_in(args.results_dir)) - before))

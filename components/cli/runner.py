@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from flare_lora.components.cli.environments import make_env
 from flare_lora.components.cli.run_record import describe_results, run_config
 from flare_lora.components.flare.tracking import add_tracking
+from flare_lora.components.optional import MissingExtra
 from flare_lora.components.cli.results import (
     check_results_dir,
     collect_results,
@@ -59,7 +60,7 @@ def run_job(parser, build: Callable[..., Job], argv=None, *, export: bool = Fals
         env = make_env(args, job.sites)
         if args.env != "prod":  # the sites' model, data and limits, before anything starts
             job.recipe.check_local_sites(getattr(env, "local_files", {}))
-    except (ValueError, FileNotFoundError) as e:  # ConfigError too: one line naming site and key
+    except (ValueError, FileNotFoundError, MissingExtra) as e:  # ConfigError too: one line naming site and key
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run_recipe(job, env, results, args, run_config(job, args, sys.argv if argv is None else [*parser.prog.split(), *argv]))
@@ -94,8 +95,9 @@ def run_recipe(job: Job, env, results_dir: str, args, config: dict) -> int:
         report["merged"] = save_merged(args.model, results_dir, log)
     mark_results(results_dir)
     print_report(report)
-    failure = log.get("error") or (None if log.get("final") else f"the job ended before its final evaluation (status {status})")
+    failure = log.get("error") or (None if log.get("final") else "the job ended before its final evaluation")
     took = time.monotonic() - start
-    print(f"job {job.name} {'FAILED: ' + failure if failure else 'COMPLETED'} in {int(took // 60)} min {took % 60:.0f} s; "
-          f"FLARE's logs: {result}")
+    flare_status = f" (FLARE: {status})" if status else ""
+    print(f"job {job.name} {'FAILED: ' + failure if failure else 'COMPLETED'}{flare_status} in {int(took // 60)} min "
+          f"{took % 60:.0f} s; FLARE's logs: {result}")
     return 1 if failure else 0

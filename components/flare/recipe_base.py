@@ -32,6 +32,7 @@ from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.flare.launch_command import CLIENT_MODULE
 from flare_lora.components.flare.restarting_executor import RestartingExecutor
 from flare_lora.components.flare.site_args import to_args
+from flare_lora.components.optional import require_for
 from flare_lora.components.site_local import FILE_NAME, SiteLocal, is_logical_name
 from flare_lora.components.strategies.base import DEFAULT_MAX_EXAMPLES, DEFAULT_MAX_UPDATE_NORM, check_limits
 from flare_lora.components.training.config import ConfigError, SiteConfig
@@ -155,7 +156,7 @@ class SiteRecipe(Recipe):
             raise ConfigError(f"client_dp: {self.client_dp_refusal()}")
         configs = plan_dp_steps(configs, num_rounds)
         self.sites = {s: c.to_dict() for s, c in configs.items()}
-        self.num_rounds = num_rounds
+        self.num_rounds, self.he = num_rounds, he
         model, data = job_path(model, hub_ids=True), job_path(data)
         self.model, self.data = model, data
         self.max_update_norm = DEFAULT_MAX_UPDATE_NORM if max_update_norm is None else max_update_norm
@@ -207,13 +208,12 @@ class SiteRecipe(Recipe):
         would refuse at start, refused here before anything starts."""
         for index, (site, cfg) in enumerate(self.sites.items()):
             content = (local_files.get(site) or {}).get(FILE_NAME)
-            if content is None:
-                local = SiteLocal(site=site).with_environment()
-            else:
-                text = content.decode() if isinstance(content, bytes) else content if isinstance(content, str) \
-                    else json.dumps(content)
-                local = SiteLocal.parse(text, site, f"{site}/local/{FILE_NAME}")
+            text = content.decode() if isinstance(content, bytes) else content if isinstance(content, str) \
+                else json.dumps(content)
+            local = SiteLocal(site=site).with_environment() if content is None else \
+                SiteLocal.parse(text, site, f"{site}/local/{FILE_NAME}")
             local.check_config(SiteConfig.from_dict(cfg, site))
+            require_for(cfg, self.he, site)  # Opacus / TenSEAL where this site's DP / the job's HE needs them
             try:
                 model, data = local.resolve("model", self.model), local.resolve("data", self.data)
             except ConfigError as e:

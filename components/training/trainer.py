@@ -165,7 +165,7 @@ def evaluate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> dict:
     result = {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "n": len(records)}
     scored = [r for r in records if reference(r) is not None]
     if scored:
-        predictions = _generate(model, tokenizer, scored, cfg)
+        predictions = generate_answers(model, tokenizer, scored, cfg)
         hits = sum(exact_match(p, reference(r)) for p, r in zip(predictions, scored))
         result["exact_match"] = hits / len(scored)
     if cfg.eval_mc:
@@ -181,7 +181,7 @@ def mc_questions(path: str, limit: int | None, shots: int) -> tuple[dict, dict]:
     return load_questions(path, limit=limit), load_shots(path) if shots else {}
 
 
-def _generate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> list[str]:
+def generate_answers(model, tokenizer, records: list[dict], cfg: SiteConfig) -> list[str]:
     """Greedy answers, batched with left padding (prompts end where generation starts)."""
     prompts = [prompt_ids(tokenizer, r)[-cfg.max_length :] for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -40,6 +40,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from flare_lora.privacy.client_dp import check_client_dp, privatize, release, update_norm
 from flare_lora.components.algorithms.layer_average import layer_of
+from flare_lora.components.optional import load
 from flare_lora.privacy.dp_reference import (
     INIT_SEED_KEY,
     SLICING_METHODS,
@@ -169,6 +170,7 @@ class ClientDPFilter(DXOFilter):
         check_client_dp(clip, sigma, delta, epsilon_max)
         if accountant not in ("rdp", "prv"):
             raise ValueError(f"client DP accountant: expected 'rdp' or 'prv', got {accountant!r}")
+        load("opacus.accountants")  # its accountant: missing, the job (or the site's privacy.json) fails here, named
         # FLARE's job export reads constructor args back from same-named attributes
         self.clip = clip
         self.sigma = sigma
