@@ -41,7 +41,8 @@ def epsilon(history: list[Release], delta: float, accountant: str = "rdp") -> fl
 
 def _merge_runs(history: list[Release]) -> list[Release]:
     """Consecutive releases with one (σ, q) as one entry, as Opacus' own ``step()`` records them (a
-    round is charged step by step): the same ε, computed in time independent of the step count."""
+    round is charged in blocks of 1, 1, 2, 4, ... steps): the same ε, in time independent of the
+    number of ledger entries."""
     runs: list[Release] = []
     for s, q, n in history:
         s, q, n = float(s), float(q), int(n)

@@ -204,27 +204,24 @@ def aggregate_matrix(
     else:
         magnitude = decompose(mean, axis)[0]
     dirs = [v for _, v in parts]
-    if divergence:
-        w = direction_weights(direction_similarity(dirs, axis), p, temperature, similarity)
-        direction = _unit(sum(float(wk) * v for wk, v in zip(w, dirs)), axis)
-    else:
-        w = p
-        direction = _unit(mean, axis)
+    w = direction_weights(direction_similarity(dirs, axis), p, temperature, similarity) if divergence else p
+    combined = sum(float(wk) * v for wk, v in zip(w, dirs))  # D of step 5 (weights p without divergence)
+    direction = _unit(combined if divergence else mean, axis)
     if consensus and shrink != "none":
-        magnitude = magnitude * _agreement(dirs, w, axis, shrink)
+        magnitude = magnitude * _agreement(combined, dirs, w, axis, shrink)
     return compose(magnitude, direction, axis), w.to(torch.float32)
 
 
-def _agreement(dirs: Sequence[Tensor], w: Tensor, axis: str, shrink: str) -> Tensor:
-    """Per column, the guard g of step 6 from the sites' unit directions and weights w."""
+def _agreement(combined: Tensor, dirs: Sequence[Tensor], w: Tensor, axis: str, shrink: str) -> Tensor:
+    """Per column, the guard g of step 6 from D = Σ w_k V_k, the sites' unit directions and weights w."""
     dim = _dim(axis)
-    combined = torch.linalg.vector_norm(sum(float(wk) * v for wk, v in zip(w, dirs)), dim=dim)
+    norm = torch.linalg.vector_norm(combined, dim=dim)
     present = [(v != 0).any(dim=dim).double() for v in dirs]
     if shrink == "agreement":
         scale = sum(float(wk) * m for wk, m in zip(w, present))
     else:  # cancellation: against what unrelated directions would give
         scale = torch.sqrt(sum(float(wk) ** 2 * m for wk, m in zip(w, present)))
-    return torch.where(scale > 0, (combined / scale.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(scale))
+    return torch.where(scale > 0, (norm / scale.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(scale))
 
 
 def _svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
