@@ -12,9 +12,9 @@ import os
 
 import torch
 
+from flare_lora.components.cli.results import MODEL_FILES
 from flare_lora.components.training.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model_dir
 
-MODEL_FILES = (("adapter", "adapter"), ("layers_file", "layers.safetensors"), ("full_weights", "global.safetensors"))
 
 
 def load(results_dir: str, *, dtype: torch.dtype = torch.float32, base_model: str | None = None):
@@ -26,8 +26,9 @@ def load(results_dir: str, *, dtype: torch.dtype = torch.float32, base_model: st
         raise FileNotFoundError(f"{results_dir}: no metrics.json; expected a flare-lora results folder")
     with open(os.path.join(results_dir, "metrics.json"), encoding="utf-8") as f:
         log = json.load(f)
-    found = [(key, os.path.join(results_dir, log.get(key) or name)) for key, name in MODEL_FILES
-             if os.path.exists(os.path.join(results_dir, log.get(key) or name))]
+    # the fixed names the server writes, whatever metrics.json says; a link is not followed
+    found = [(key, os.path.join(results_dir, name)) for key, name in MODEL_FILES.items()
+             if os.path.exists(os.path.join(results_dir, name)) and not os.path.islink(os.path.join(results_dir, name))]
     if not found:
         raise FileNotFoundError(f"{results_dir}: holds no trained model (adapter/, layers.safetensors or "
                                 f"global.safetensors){'; the job failed: ' + log['error'] if log.get('error') else ''}")

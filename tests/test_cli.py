@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from flare_lora.components.cli.main import main
-from flare_lora.components.cli.results import check_results_dir, mark_results
+import flare_lora
+from flare_lora.components.cli.results import check_results_dir, collect_results, mark_results
+from flare_lora.components.cli.run_record import describe_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +79,32 @@ def test_export_writes_the_job_folder(tmp_path, monkeypatch, capsys):
     meta = json.loads((tmp_path / "fl_job" / "one_shot_flora" / "meta.json").read_text())
     assert sorted(meta["deploy_map"]) == ["app_server", "app_site-1", "app_site-2"]
     assert "fl_job/one_shot_flora" in capsys.readouterr().out
+
+
+def test_options_of_a_run_here_are_refused_at_export(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for option in (["--overwrite"], ["--log-level", "full"], ["-v"]):
+        assert main(["export", "flora", "--ranks", "2", *option]) == 2
+        assert one_error_line(capsys).endswith("applies to a run on this machine, not to an exported job")
+    assert not (tmp_path / "fl_job").exists()
+
+
+def test_results_log_cannot_name_a_model_outside_the_results(tmp_path, capsys):
+    """metrics.json comes from the server (job code): a path it names for the model is not followed,
+    neither to write the model card nor to load or merge the model."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "README.md").write_text("mine")
+    (victim / "adapter_config.json").write_text("{}")
+    server = tmp_path / "ws" / "server" / "flare_lora"
+    server.mkdir(parents=True)
+    (server / "metrics.json").write_text(json.dumps({"adapter": str(victim), "final": {"sites": {}}}))
+    log = collect_results(str(tmp_path / "ws"), str(tmp_path / "results"))
+    assert "adapter" not in log and "expected 'adapter': ignored" in capsys.readouterr().out
+    describe_results(str(tmp_path / "results"), {**log, "adapter": str(victim)}, {"model": "x", "job": "j"})
+    assert (victim / "README.md").read_text() == "mine" and (victim / "adapter_config.json").read_text() == "{}"
+    with pytest.raises(FileNotFoundError, match="holds no trained model"):
+        flare_lora.load(str(tmp_path / "results"))
 
 
 def test_report_prints_the_table_and_writes_plots(tmp_path, capsys):

@@ -53,6 +53,16 @@ def test_sim_job_with_dp_flags_reports_epsilon_every_round(tmp_path, tiny_model_
         ledgers = glob.glob(str(workspace / "**" / site / "flare_lora_privacy" / "*.jsonl"), recursive=True)
         assert sorted(os.path.basename(p) for p in ledgers) == ["client_dp.jsonl", "dp_sgd.jsonl"]
     assert all(r["aggregated"] == ["site-1"] for r in log["rounds"])
+    # the live tracking stream carries no training statistics of a DP site, only evaluation and epsilon
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    streamed = set()
+    for folder in (results / "tensorboard").iterdir():
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        streamed |= set(events.Tags()["scalars"])
+    assert {"eval_loss", "dp_epsilon", "site-1/client_dp_epsilon"} <= streamed, streamed
+    assert not [tag for tag in streamed if tag.endswith(("train_loss", "tokens_per_s"))], streamed
 
 
 def test_poc_site_scope_enforces_client_dp(tmp_path, tiny_model_dir):

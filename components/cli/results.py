@@ -13,7 +13,9 @@ import sys
 from flare_lora.components.report import comm_totals, load_metrics, write_report
 
 METRICS_GLOB = os.path.join("**", "flare_lora", "metrics.json")
-MODEL_KEYS = ("adapter", "layers_file", "full_weights")  # what metrics.json names as the final model
+# what metrics.json names as the final model, and the only name the server ever writes for each: a
+# results log naming anything else (a path outside the folder) is not followed
+MODEL_FILES = {"adapter": "adapter", "layers_file": "layers.safetensors", "full_weights": "global.safetensors"}
 RESULTS_MARKER = ".flare_lora_results"  # in every results folder this command wrote: the entries it wrote
 
 
@@ -86,18 +88,24 @@ def collect_results(result_dir: str | None, out_dir: str, overwrite: bool = Fals
         check_results_dir(out_dir, overwrite)  # again: the job ran for a while
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)  # empty, or results this command wrote
-        shutil.copytree(src, out_dir)
+        shutil.copytree(src, out_dir, symlinks=True)  # a link the job left stays a link, never followed
         mark_results(out_dir)
     copy_tracking(result_dir, src, out_dir)
     log = load_metrics(os.path.join(out_dir, "metrics.json"))
+    for key, name in MODEL_FILES.items():  # the server writes these names only; anything else is not followed
+        if key in log and log[key] != name:
+            print(f"warning: metrics.json names {key} {str(log[key])[:80]!r}; expected {name!r}: ignored")
+            log.pop(key)
     if not log.get("model_at_sites"):
         return log
-    for name, key in (("adapter", "adapter"), ("layers.safetensors", "layers_file"), ("global.safetensors", "full_weights")):
+    for key, name in MODEL_FILES.items():
         found = glob.glob(os.path.join(result_dir, "**", "flare_lora", name), recursive=True)
         at_sites = sorted(p for p in found if not os.path.abspath(p).startswith(os.path.abspath(src) + os.sep))
         if at_sites and not os.path.exists(os.path.join(out_dir, name)):
-            copy = shutil.copytree if os.path.isdir(at_sites[0]) else shutil.copy
-            copy(at_sites[0], os.path.join(out_dir, name))
+            if os.path.isdir(at_sites[0]):
+                shutil.copytree(at_sites[0], os.path.join(out_dir, name), symlinks=True)
+            else:
+                shutil.copy(at_sites[0], os.path.join(out_dir, name))
             log[key] = name
             print(f"HE: {name} decrypted at a site: {at_sites[0]}")
     return log
@@ -113,7 +121,10 @@ def copy_tracking(result_dir: str, src: str, out_dir: str) -> None:
     for name, dest in TRACKING_OUTPUTS.items():
         found = sorted(glob.glob(os.path.join(server_run, "**", name), recursive=True))
         if found and not os.path.exists(os.path.join(out_dir, dest)):
-            (shutil.copytree if os.path.isdir(found[0]) else shutil.copy)(found[0], os.path.join(out_dir, dest))
+            if os.path.isdir(found[0]):
+                shutil.copytree(found[0], os.path.join(out_dir, dest), symlinks=True)
+            elif not os.path.islink(found[0]):
+                shutil.copy(found[0], os.path.join(out_dir, dest))
 
 
 def report_results(log: dict, out_dir: str, title: str) -> dict:
@@ -126,8 +137,8 @@ def report_results(log: dict, out_dir: str, title: str) -> dict:
 def save_merged(model: str | None, out_dir: str, log: dict) -> str | None:
     """``--save-merged``: the base model with the trained weights (adapter merged, or trained
     layers / all weights replaced) as an HF model dir; None when the job wrote no model."""
-    name = next((log[key] for key in MODEL_KEYS if log.get(key)), None)
-    if name is None or not os.path.exists(os.path.join(out_dir, name)):
+    name = next((name for key, name in MODEL_FILES.items() if log.get(key) == name), None)
+    if name is None or not os.path.exists(os.path.join(out_dir, name)) or os.path.islink(os.path.join(out_dir, name)):
         return None
     from flare_lora.components.adapter_export import save_full_model, save_merged_model
     from flare_lora.components.training.models import resolve_model_dir
@@ -137,22 +148,24 @@ def save_merged(model: str | None, out_dir: str, log: dict) -> str | None:
 
 
 def print_report(report: dict) -> None:
+    """Where the results are, what was rejected or cut, the traffic; the table last."""
     log = report["log"]
-    print(report["table"])
-    comm = report["comm"]
-    print(f"\ntotal upload {comm['upload_bytes'] / 1e6:.2f} MB, download {comm['download_bytes'] / 1e6:.2f} MB")
-    cut = truncation(log)
-    if cut:
-        print("records longer than max_length (cut in training): " + ", ".join(f"{s} {n}" for s, n in sorted(cut.items())))
-    if log.get("selections"):
-        print_selections(log)
-    print(f"results: {report['out_dir']} (metrics.json, table.txt, curves.png, tensorboard/)")
+    print(f"results: {report['out_dir']} (run_config.json, metrics.json, table.txt, curves.png, tensorboard/)")
     if log.get("adapter"):
-        print(f"adapter: {os.path.join(report['out_dir'], log['adapter'])}  (PeftModel.from_pretrained(base, that_dir))")
+        print(f"adapter: {os.path.join(report['out_dir'], log['adapter'])}  "
+              "(AutoPeftModelForCausalLM.from_pretrained(that_dir); flare_lora.load(results))")
     elif log.get("model_at_sites"):
         print(f"HE: the server holds the global only as ciphertexts; the model: {log['model_at_sites']}")
     if report.get("merged"):
         print(f"merged model: {report['merged']}  (AutoModelForCausalLM.from_pretrained(that_dir))")
+    if log.get("selections"):
+        print_selections(log)
+    cut = truncation(log)
+    if cut:
+        print("records longer than max_length (cut in training): " + ", ".join(f"{s} {n}" for s, n in sorted(cut.items())))
+    comm = report["comm"]
+    print(f"total upload {comm['upload_bytes'] / 1e6:.2f} MB, download {comm['download_bytes'] / 1e6:.2f} MB\n")
+    print(report["table"])
 
 
 def truncation(log: dict) -> dict[str, int]:
@@ -206,8 +219,12 @@ def report_main(argv=None) -> int:
         print(f"the job FAILED: {log['error']}")
     if args.samples > 0 and not log.get("error"):
         from flare_lora.components.cli.samples import print_samples
+        from flare_lora.components.optional import MissingExtra
 
-        print_samples(args.results_dir, args.samples, args.data)
+        try:
+            print_samples(args.results_dir, args.samples, args.data)
+        except (OSError, ValueError, MissingExtra) as e:  # the base model or the data is not on this machine
+            print(f"samples: none ({e}); --samples 0 skips them")
     listed = written_files(args.results_dir)
     if listed:  # a folder a run wrote: what the report added is flare-lora's too
         mark_results(args.results_dir, listed | (set(files_in(args.results_dir)) - before))

@@ -29,7 +29,7 @@ def run_config(job, args, command: list[str]) -> dict:
         "command": command,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "options": {k: v for k, v in sorted(vars(args).items()) if _json_value(v)},
-        "model": args.model or DEFAULT_MODEL,
+        "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model or DEFAULT_MODEL,
         "num_rounds": getattr(recipe, "num_rounds", None),
         "sites": getattr(recipe, "sites", job.sites),
         "versions": {**{name: _version(name) for name in PACKAGES}, "python": platform.python_version()},
@@ -73,7 +73,8 @@ def name_base_model(adapter_dir: str, model: str | None) -> str | None:
     ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` needs no other argument. Returns it."""
     path = os.path.join(adapter_dir, "adapter_config.json")
     base = local_base_model(model)
-    if base is None or not os.path.isfile(path):
+    base = os.path.abspath(base) if base and os.path.isdir(base) else base
+    if base is None or not os.path.isfile(path) or os.path.islink(path):  # never written through a link
         return None
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
@@ -139,9 +140,11 @@ def _fmt(value) -> str:
 def describe_results(out_dir: str, log: dict, config: dict) -> dict:
     """run_config.json, and for an adapter a loadable base and a model card; what was written."""
     written = {"run_config": write_run_config(out_dir, config)}
-    if log.get("adapter"):
-        adapter = os.path.join(out_dir, log["adapter"])
+    adapter = os.path.join(out_dir, "adapter")  # the one name the server writes (results.MODEL_FILES)
+    if log.get("adapter") == "adapter" and os.path.isdir(adapter) and not os.path.islink(adapter):
         base = name_base_model(adapter, None if config["model"] == DEFAULT_MODEL else config["model"])
+        if os.path.islink(os.path.join(adapter, "README.md")):  # never written through a link the job left
+            os.remove(os.path.join(adapter, "README.md"))
         with open(os.path.join(adapter, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(log, config, base))
         written.update(base_model=base, model_card=os.path.join(adapter, "README.md"))

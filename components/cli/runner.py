@@ -48,6 +48,10 @@ def run_job(parser, build: Callable[..., Job], argv=None, *, export: bool = Fals
     """
     export = export_requested() or export  # first: the import takes --export out of sys.argv
     args = parser.parse_args(argv)
+    local = [flag for flag, given in (("--overwrite", args.overwrite), ("--log-level", args.log_level != "concise")) if given]
+    if export and local:
+        print(f"error: {local[0]}: applies to a run on this machine, not to an exported job", file=sys.stderr)
+        return 2
     try:
         job = build(args, exporting=export)
         add_tracking(job.recipe, args.tracking, job.sites)

@@ -35,7 +35,8 @@ def print_samples(results_dir: str, n: int, data: str | None = None) -> None:
         records = [r for r in held_out if reference(r) is not None][:n]
         cfg = SiteConfig.from_dict({k: v for k, v in settings.items() if k in ("max_length", "max_new_tokens")}, site)
         for record, answer in zip(records, generate_answers(model, tokenizer, records, cfg)):
-            question = (record.get("instruction") or record.get("prompt") or record["messages"][-2]["content"])
+            asked = record["messages"][-2]["content"] if len(record.get("messages", [])) > 1 else ""
+            question = record.get("instruction") or record.get("prompt") or asked
             print(f"  {site}: {_short(question)!r}\n      answer {_short(answer)!r}  reference {_short(reference(record))!r}")
 
 

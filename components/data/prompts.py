@@ -113,8 +113,8 @@ def truncated(tokenizer, records: list[dict], max_length: int, where: str = "rec
     for number, record in enumerate(records, start=1):
         try:
             cut += full_length(tokenizer, record) > max_length
-        except ValueError as e:
-            raise ValueError(f"{where}: record {number}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a chat template raises its own errors (jinja2's TemplateError, ...)
+            raise ValueError(f"{where}: record {number} (of the split, in file order): {type(e).__name__}: {e}") from None
     return cut
 
 

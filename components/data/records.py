@@ -43,6 +43,8 @@ def record_problem(record: object) -> str | None:
             return problem
         if not any(m["role"] == "assistant" and m["content"].strip() for m in record["messages"]):
             return 'expected "messages" to hold an assistant turn with content (the turns trained on), got none'
+        if record["messages"][0]["role"] == "assistant":
+            return 'expected "messages" to start with a system or user turn (an assistant turn answers one), got assistant'
         return None
     if "prompt" in record or "completion" in record:
         prompt, completion = record.get("prompt"), record.get("completion")

@@ -12,7 +12,8 @@ Example (AG News, 3 sites, topic-skewed)::
         --output-field label --output-map 1=World,2=Sports,3=Business,4=Sci/Tech
 
 A CSV or Parquet file without ``--instruction`` is read as records directly (columns
-``messages``, ``prompt``/``completion``, ``instruction``/``input``/``output`` or ``text``).
+``prompt``/``completion``, ``instruction``/``input``/``output`` or ``text``; a Parquet file may also
+hold a ``messages`` column of chat turns, which CSV cells, plain strings, cannot).
 """
 
 from __future__ import annotations

@@ -110,7 +110,6 @@ def main(argv=None) -> None:
         if not group.is_main:
             continue
         stats.update(processes=group.world, truncated=cut)
-        tracker.trained(rnd + 1, stats, private=dp is not None or task.init_seed is not None)
         stats = released_train_stats(stats) if dp is not None else stats
         meta.update(num_examples=len(train_set), train=stats)
         metrics = dp_metrics(metrics, dp)
@@ -275,7 +274,6 @@ def serve(handler: SelectiveSite) -> None:
         rnd = task.current_round or 0
         params, metrics, meta = handler.handle(flare.get_task_name(), task.params or {}, task.meta or {}, rnd)
         tracker.evaluated(rnd, metrics)
-        tracker.trained(rnd + 1, meta.get("train"), private=handler.dp is not None or INIT_SEED_KEY in (task.meta or {}))
         flare.send(FLModel(params=params or None, params_type=ParamsType.FULL if params else None,
                            metrics=metrics, meta=meta))
 

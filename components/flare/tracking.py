@@ -1,11 +1,14 @@
-"""Live experiment tracking, the FLARE way: each site streams its scalars with
-``nvflare.client.tracking``, the server streams what only it measures (the bytes each site moved),
-and the job's receiver (FLARE's TensorBoard or MLflow receiver, ``add_experiment_tracking``)
-writes them on the server as they arrive. Steps are the report's rounds: step t is the global
-model after t training rounds (0: the pretrained model) and round t's training.
+"""Live experiment tracking, the FLARE way: each site streams the evaluation of every round's global
+model with ``nvflare.client.tracking``, the server streams what it received from each site's
+training (loss, tokens/s: the result as it left the site, after the site's privacy filters), the
+client-level DP ε the site's filter reported, and the bytes it moved; the job's receiver (FLARE's TensorBoard or MLflow receiver,
+``add_experiment_tracking``) writes them on the server as they arrive. Steps are the report's
+rounds: step t is the global model after t training rounds (0: the pretrained model) and round t's
+training.
 
-What a site streams is what its result releases anyway: under DP-SGD or client-level DP the
-training loss and token counts (computed from the training records) stay at the site.
+Training statistics are streamed by the server, not the site, so that they are exactly what the
+site's result released: a site under DP-SGD or client-level DP withholds them from its result (in
+any filter configuration), and then nothing of them is streamed either.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import logging
 from collections.abc import Mapping
 
 TRACKING = ("tensorboard", "mlflow", "none")
-EVAL_KEYS = ("eval_loss", "exact_match", "mc_accuracy", "dp_epsilon", "client_dp_epsilon")
-TRAIN_KEYS = ("train_loss", "tokens_per_s")
+EVAL_KEYS = ("eval_loss", "exact_match", "mc_accuracy", "dp_epsilon")
+TRAIN_KEYS = ("train_loss", "tokens_per_s")  # from a received result's "train" entry (server side)
 
 progress = logging.getLogger("flare_lora.progress")  # one console line per site per round (log_config.py)
 
 
 class SiteTracker:
-    """A site's scalars, streamed to the server's receiver through the Client API."""
+    """A site's evaluation scalars, streamed to the server's receiver through the Client API."""
 
     def __init__(self):
         from nvflare.client.tracking import SummaryWriter
@@ -31,11 +34,6 @@ class SiteTracker:
     def evaluated(self, step: int, metrics: Mapping) -> None:
         """The evaluation of the global model of ``step`` rounds on this site's held-out records."""
         self._scalars(EVAL_KEYS, metrics, step)
-
-    def trained(self, step: int, stats: Mapping | None, private: bool) -> None:
-        """Round ``step``'s local training: only what leaves the site with the update anyway."""
-        if stats and not private:
-            self._scalars(TRAIN_KEYS, stats, step)
 
     def _scalars(self, keys, values: Mapping, step: int) -> None:
         for key in keys:

@@ -28,7 +28,7 @@ from nvflare.fuel.utils import fobs
 
 from flare_lora.components.flare.checkpoint import CheckpointError, Resumed, RoundCheckpoint
 from flare_lora.components.flare.nvflare_compat import task_check_period
-from flare_lora.components.flare.tracking import progress, server_scalars
+from flare_lora.components.flare.tracking import TRAIN_KEYS, progress, server_scalars
 from flare_lora.components.strategies.base import DEFAULT_MAX_EXAMPLES, check_limits
 from flare_lora.privacy.he_context import SERVER_CONTEXT, HEContextError
 from flare_lora.privacy.he_server import open_server_context
@@ -203,8 +203,8 @@ class FederatedWorkflow(ModelController):
         return site, entry
 
     def track(self, record: dict, site: str, entry: dict) -> None:
-        """A console line for a site's result; a training result's bytes streamed to the tracking
-        receiver (step t: round t's training, as in the report)."""
+        """A console line for a site's result; a training result's statistics (as received) and bytes
+        streamed to the tracking receiver (step t: round t's training, as in the report)."""
         evaluated = "  ".join(f"{k} {v:.4f}" for k, v in (entry.get("metrics") or {}).items()
                               if k in ("eval_loss", "exact_match", "mc_accuracy") and isinstance(v, float))
         line = f"global of round {record['round']}: {evaluated or '-'}"
@@ -213,7 +213,10 @@ class FederatedWorkflow(ModelController):
             loss = stats.get("train_loss")
             line = (f"round {step}/{getattr(self, 'num_rounds', '?')}  {site:<12} train_loss "
                     f"{f'{loss:.4f}' if isinstance(loss, float) else '-'}  up {entry.get('upload_bytes', 0) / 1e6:.2f} MB  | {line}")
-            server_scalars(self, self.fl_ctx, site, step, {k: entry.get(k) for k in ("upload_bytes", "download_bytes")})
+            with self.fl_ctx.get_engine().new_context() as fl_ctx:  # results may arrive on several threads
+                server_scalars(self, fl_ctx, site, step, {**{k: stats.get(k) for k in TRAIN_KEYS},
+                                                          **{k: entry.get(k) for k in ("upload_bytes", "download_bytes")},
+                                                          "client_dp_epsilon": (entry.get("metrics") or {}).get("client_dp_epsilon")})
         else:
             line = f"{record.get('task')}  {site:<12} {line}"
         progress.info(line)

@@ -122,6 +122,21 @@ def prompt(q: Question, shots: list[Question]) -> str:
     return head + "".join(_block(s, True) for s in shots) + _block(q, False)
 
 
+def answer_tokens(tokenizer) -> list[int]:
+    """The token of each letter continuation " A", " B", ... after "Answer:", as the tokenizer splits
+    the whole text (a SentencePiece tokenizer encodes " A" alone as two tokens, after "Answer:" as one)."""
+    context = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+    tokens = []
+    for letter in LETTERS:
+        full = tokenizer(f"Answer: {letter}", add_special_tokens=False)["input_ids"]
+        continuation = full[len(context):] if full[: len(context)] == context else []
+        if len(continuation) != 1:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__}: the answer ' {letter}' after 'Answer:' is "
+                             f"{len(continuation)} tokens, expected 1 (letter log-likelihood scoring needs one)")
+        tokens.append(continuation[0])
+    return tokens
+
+
 @torch.no_grad()
 def accuracy(model, tokenizer, questions: dict[str, list[Question]], *, shots: dict[str, list[Question]] | None = None,
              k: int = 0, batch_size: int = 8, max_length: int = 2048) -> dict:
@@ -129,10 +144,8 @@ def accuracy(model, tokenizer, questions: dict[str, list[Question]], *, shots: d
 
     k-shot prompts take the first k of ``shots[subject]`` (MMLU's dev split). A prompt longer than
     max_length keeps its last tokens (the question), as lm-eval-harness does."""
-    letters = [tokenizer(f" {LETTER}", add_special_tokens=False)["input_ids"] for LETTER in LETTERS]
-    if any(len(ids) != 1 for ids in letters):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} splits a letter answer into several tokens")
-    letter_ids = torch.tensor([ids[0] for ids in letters])
+    letter_ids = torch.tensor(answer_tokens(tokenizer))
+    max_length = min(max_length, getattr(model.config, "max_position_embeddings", None) or max_length)
     model.eval()
     device = next(model.parameters()).device
     items = [(s, q) for s, qs in questions.items() for q in qs]
