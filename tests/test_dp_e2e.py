@@ -61,7 +61,7 @@ def test_sim_job_with_dp_flags_reports_epsilon_every_round(tmp_path, tiny_model_
         events = EventAccumulator(str(folder))
         events.Reload()
         streamed |= set(events.Tags()["scalars"])
-    assert {"eval_loss", "dp_epsilon", "site-1/client_dp_epsilon"} <= streamed, streamed
+    assert {"eval_loss", "dp_epsilon", "client_dp_epsilon", "upload_bytes"} <= streamed, streamed
     assert not [tag for tag in streamed if tag.endswith(("train_loss", "tokens_per_s"))], streamed
 
 

@@ -58,15 +58,21 @@ def add_tracking(recipe, kind: str, sites) -> None:
         recipe_job(recipe).to(ConvertToFedEvent(events_to_convert=[ANALYTIC_EVENT_TYPE]), site, id="event_to_fed")
 
 
-def server_scalars(component, fl_ctx, site: str, step: int, values: Mapping) -> None:
-    """Stream ``values`` the server measured for ``site`` (tag ``<site>/<key>``) to the job's receiver."""
-    from nvflare.apis.analytix import AnalyticsDataType
-    from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
-    from nvflare.apis.analytix import LogWriterName
+def server_scalars(fl_ctx, site: str, step: int, values: Mapping) -> None:
+    """Stream ``values`` the server holds about ``site`` (what its result carried, the bytes it moved)
+    to the job's receiver, recorded under that site as its own scalars are (FLARE's receivers take the
+    origin of a federated event from its peer identity: the site the values describe). The event is
+    fired through the engine, as FLARE's federated-event widget posts one it received."""
+    from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
+    from nvflare.apis.fl_constant import EventScope, FLContextKey, ReservedKey
+    from nvflare.apis.utils.analytix_utils import create_analytic_dxo
     from nvflare.app_common.executors.client_api_executor import FED_ANALYTIC_EVENT_TYPE
 
     for key, value in values.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            dxo = create_analytic_dxo(f"{site}/{key}", float(value), AnalyticsDataType.SCALAR, global_step=step,
-                                      writer=LogWriterName.TORCH_TB)
-            send_analytic_dxo(component, dxo, fl_ctx, event_type=FED_ANALYTIC_EVENT_TYPE)
+            data = create_analytic_dxo(key, float(value), AnalyticsDataType.SCALAR, global_step=step,
+                                       writer=LogWriterName.TORCH_TB).to_shareable()
+            data.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+            fl_ctx.set_prop(FLContextKey.EVENT_DATA, data, private=True, sticky=False)
+            fl_ctx.set_prop(FLContextKey.EVENT_SCOPE, EventScope.FEDERATION, private=True, sticky=False)
+            fl_ctx.get_engine().fire_event(FED_ANALYTIC_EVENT_TYPE, fl_ctx)  # as FLARE posts a received fed event

@@ -214,7 +214,7 @@ class FederatedWorkflow(ModelController):
             line = (f"round {step}/{getattr(self, 'num_rounds', '?')}  {site:<12} train_loss "
                     f"{f'{loss:.4f}' if isinstance(loss, float) else '-'}  up {entry.get('upload_bytes', 0) / 1e6:.2f} MB  | {line}")
             with self.fl_ctx.get_engine().new_context() as fl_ctx:  # results may arrive on several threads
-                server_scalars(self, fl_ctx, site, step, {**{k: stats.get(k) for k in TRAIN_KEYS},
+                server_scalars(fl_ctx, site, step, {**{k: stats.get(k) for k in TRAIN_KEYS},
                                                           **{k: entry.get(k) for k in ("upload_bytes", "download_bytes")},
                                                           "client_dp_epsilon": (entry.get("metrics") or {}).get("client_dp_epsilon")})
         else:
