@@ -25,7 +25,7 @@ def test_chat_and_prompt_completion_sites_train_and_report_truncation(tmp_path, 
     mc = tmp_path / "mc.jsonl"
     write_jsonl(mc, [{"question": f"{i} + 1 = ?", "choices": [str(i), str(i + 1), "0"], "answer": 1} for i in range(5)])
     log, _, proc = run_job(tmp_path, tiny_model_dir, "--ranks", "2,2", "--rounds", "1", "--data", str(data),
-                           "--site-config", str(config), "--steps", "3", "--eval", str(mc))
+                           "--site-config", str(config), "--steps", "3", "--eval", str(mc), "--eval-style", "cloze")
     sites = log["rounds"][0]["sites"]
     assert sites["site-1"]["train"]["truncated"] == 1 and sites["site-2"]["train"]["truncated"] == 0
     assert all(entry["train"]["train_loss"] > 0 for entry in sites.values())

@@ -57,6 +57,7 @@ def values(data: Path, site_config: Path, other_model: Path) -> dict[str, tuple[
     mc = ["--eval", str(MMLU)]
     return {
         "--tracking": ([], ["--tracking", "none"]), "--eval": ([], mc), "--eval-shots": (mc, ["--eval-shots", "5"]), "--eval-limit": (mc, ["--eval-limit", "2"]),
+        "--eval-style": (mc, ["--eval-style", "cloze"]),
         "--ranks": ([], ["--ranks", "4,4"]), "--alpha-ratio": ([], ["--alpha-ratio", "4"]),
         "--target-modules": ([], ["--target-modules", "q_proj"]), "--steps": ([], ["--steps", "7"]),
         "--lr": ([], ["--lr", "0.01"]), "--batch-size": ([], ["--batch-size", "7"]),

@@ -53,6 +53,31 @@ def test_batched_left_padded_scores_equal_one_question_at_a_time(tiny_model_dir)
     assert result["n"] == 12 and result["accuracy"] == pytest.approx(sum(hits) / 12)
 
 
+def test_cloze_scores_every_choice_in_one_pass_as_if_each_ran_alone(tiny_model_dir):
+    """The packed pass (context, then every choice attending to the context and itself) picks what
+    scoring each context + choice separately picks, per character, with and without shots."""
+    from flare_lora.components.training.multiple_choice import _continuation, cloze_prompt
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    questions = {s: qs for s, qs in list(load_questions(str(MMLU), limit=2).items())[:6]}
+    shots = load_shots(str(MMLU))
+    for k in (0, 2):
+        hits = []
+        for subject, qs in questions.items():
+            for q in qs:
+                text = cloze_prompt(q, shots[subject][:k])
+                context = tokenizer(text)["input_ids"]
+                scores = []
+                for choice in q.choices:
+                    tokens = _continuation(tokenizer, text, f" {choice.strip()}")
+                    with torch.no_grad():
+                        logp = torch.log_softmax(model(input_ids=torch.tensor([context + tokens])).logits[0], -1)
+                    scores.append(sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(tokens)) / (len(choice.strip()) + 1))
+                hits.append(int(max(range(len(scores)), key=scores.__getitem__) == q.answer))
+        result = accuracy(model, tokenizer, questions, shots=shots, k=k, batch_size=4, style="cloze")
+        assert result["n"] == 12 and result["accuracy"] == pytest.approx(sum(hits) / 12), k
+
+
 def test_bad_questions_name_file_line_and_site(tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text('{"question": "q", "choices": ["a", "b"], "answer": 1}\n{"question": "q", "choices": ["a"], "answer": 0}\n')
@@ -76,6 +101,6 @@ def test_eval_command_scores_the_base_model_and_writes_json(tmp_path, tiny_model
                            "--mc", str(MMLU), "--limit", "1", "--threads", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "0-shot accuracy" in done.stdout and "on 57 questions (57 subjects)" in done.stdout
+    assert "0-shot letter accuracy" in done.stdout and "on 57 questions (57 subjects)" in done.stdout
     result = json.loads(out.read_text())
     assert result["n"] == 57 and 0 <= result["accuracy"] <= 1 and len(result["subjects"]) == 57

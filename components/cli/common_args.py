@@ -52,6 +52,8 @@ def add_common_args(p: argparse.ArgumentParser, *, ranks: bool = True, rounds: b
                         "(an MMLU folder or a JSONL of {question, choices, answer}; a path at the sites)")
     g.add_argument("--eval-shots", type=int, default=None, metavar="K", help="--eval: solved examples per question (default 0)")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="--eval: first N questions per subject")
+    g.add_argument("--eval-style", choices=["letter", "cloze"], default=None,
+                   help="--eval: lettered choices scored by the letter (default) or each choice's text (cloze)")
     g.add_argument("--site-config", default=None,
                    help="JSON file {site: {key: value}} overriding the above per site (only the job's sites)")
     g = p.add_argument_group("job")

@@ -25,7 +25,7 @@ def make_env(args, sites: dict):
         from flare_lora.components.flare.log_config import log_config
 
         return SimEnv(clients=list(sites), num_threads=len(sites), workspace_root=workspace,
-                      log_config=log_config(args.log_level, workspace))
+                      log_config=log_config(args.log_level))
     if args.env == "poc":
         return poc_env(args, list(sites), workspace)
     from nvflare.recipe import ProdEnv

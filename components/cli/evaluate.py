@@ -2,6 +2,7 @@
 of a finished job's model, in one command.
 
     flare-lora eval --mc ../shared/data/mmlu                      # the default model, 0-shot, all 14,042 questions
+    flare-lora eval --mc ../shared/data/mmlu --style cloze        # the format SmolLM2's reported MMLU numbers use
     flare-lora eval results/flora --mc ../shared/data/mmlu --shots 5 --limit 20
     flare-lora eval --model /models/llama --mc site_questions.jsonl
 """
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("--mc", required=True, metavar="PATH",
                    help="an MMLU folder (test/ and dev/ CSVs) or a JSONL of {question, choices, answer, subject}")
     p.add_argument("--shots", type=int, default=0, help="solved examples before each question (MMLU: 0 or 5)")
+    p.add_argument("--style", choices=["letter", "cloze"], default="letter",
+                   help="letter: lettered choices, the letter's log-likelihood (lm-eval-harness' mmlu); cloze: the "
+                        "question alone, each choice's log-likelihood per character (mmlu_continuation, SmolLM2's reports)")
     p.add_argument("--limit", type=int, default=None, help="first N questions per subject (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -47,14 +51,16 @@ def main(argv=None) -> int:
         else:
             model, tokenizer = load_model_and_tokenizer(resolve_model_dir(args.model))
         start = time.time()
-        result = accuracy(model, tokenizer, questions, shots=shots, k=args.shots, batch_size=args.batch_size)
+        result = accuracy(model, tokenizer, questions, shots=shots, k=args.shots, batch_size=args.batch_size,
+                          style=args.style)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     what = args.results_dir or args.model or "the default model"
-    print(f"{what}: {args.shots}-shot accuracy {result['accuracy']:.4f} on {result['n']} questions "
+    print(f"{what}: {args.shots}-shot {args.style} accuracy {result['accuracy']:.4f} on {result['n']} questions "
           f"({len(result['subjects'])} subjects) from {args.mc}, {time.time() - start:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({**result, "model": what, "shots": args.shots, "source": args.mc, "limit": args.limit}, f, indent=1)
+            json.dump({**result, "model": what, "shots": args.shots, "source": args.mc, "limit": args.limit,
+                       "seconds": round(time.time() - start, 1)}, f, indent=1)
     return 0

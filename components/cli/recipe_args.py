@@ -65,7 +65,8 @@ def build_sites(args, exporting: bool, **per_site: tuple[str, list | None]) -> t
     for key, value in (("threads", threads), ("local_steps", args.steps), ("lr", args.lr),
                        ("batch_size", args.batch_size), ("dtype", args.dtype),
                        ("gradient_checkpointing", args.gradient_checkpointing or None), ("eval_mc", args.eval),
-                       ("eval_mc_shots", args.eval_shots), ("eval_mc_limit", args.eval_limit)):
+                       ("eval_mc_shots", args.eval_shots), ("eval_mc_limit", args.eval_limit),
+                       ("eval_mc_style", args.eval_style)):
         if value is not None:
             shared[key] = value
     shared.update(dp_site_settings(args))

@@ -8,9 +8,11 @@ logger) and warnings; FLARE's own INFO logs still go to the run's log files (log
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
+import tempfile
 
 PROGRESS = "flare_lora.progress"
 LOG_LEVELS = ("concise", "full", "verbose", "msg_only", "DEBUG", "INFO", "WARNING", "ERROR")
@@ -36,13 +38,18 @@ def concise_config() -> dict:
     return config
 
 
-def log_config(level: str, workspace: str) -> str:
-    """What SimEnv's ``log_config`` takes for ``level``: a config file written into ``workspace`` for
-    ``concise``, else FLARE's own mode or level name."""
+def log_config(level: str) -> str:
+    """What SimEnv's ``log_config`` takes for ``level``: for ``concise`` a config file (one per
+    content, under /tmp/flare_lora beside the run workspaces, so nothing is written into a workspace
+    before the job's checks pass), else FLARE's own mode or level name."""
     if level != "concise":
         return level
-    path = os.path.join(workspace, "flare_lora_log_config.json")
-    os.makedirs(workspace, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(concise_config(), f, indent=1)
+    text = json.dumps(concise_config(), indent=1, sort_keys=True)
+    folder = os.path.join(tempfile.gettempdir(), "flare_lora")
+    path = os.path.join(folder, f"log_config-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+            f.write(text)
+        os.replace(f.name, path)  # atomic: runs started together never read half a file
     return path

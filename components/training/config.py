@@ -37,6 +37,7 @@ class SiteConfig:
     eval_mc: str | None = None
     eval_mc_shots: int = 0
     eval_mc_limit: int | None = None
+    eval_mc_style: str = "letter"  # or "cloze" (multiple_choice.accuracy)
     # memory (docs/production.md section 5): the base model's dtype (LoRA factors stay float32) and
     # activation recomputation in the backward pass
     dtype: str = "float32"
@@ -135,8 +136,8 @@ def _optional(rule):
 def _check_dp(cfg: SiteConfig, site: str) -> None:
     """DP settings that only make sense together; privacy is never silently off. (And the
     multiple-choice evaluation's settings, which need its questions.)"""
-    if cfg.eval_mc is None and (cfg.eval_mc_shots or cfg.eval_mc_limit is not None):
-        key = "eval_mc_shots" if cfg.eval_mc_shots else "eval_mc_limit"
+    if cfg.eval_mc is None and (cfg.eval_mc_shots or cfg.eval_mc_limit is not None or cfg.eval_mc_style != "letter"):
+        key = "eval_mc_shots" if cfg.eval_mc_shots else "eval_mc_limit" if cfg.eval_mc_limit is not None else "eval_mc_style"
         raise ConfigError(f"site {site!r}: key {key!r}: a multiple-choice setting without questions; expected eval_mc too")
     if cfg.dp_epsilon is not None and cfg.dp_noise_multiplier is not None:
         raise ConfigError(f"site {site!r}: key 'dp_noise_multiplier': expected either dp_epsilon (a target) or "
@@ -177,6 +178,7 @@ _RULES = {
     "eval_mc": lambda v: None if v is None or (isinstance(v, str) and v.strip()) else "a path or null",
     "eval_mc_shots": _int(0),
     "eval_mc_limit": _int(1, optional=True),
+    "eval_mc_style": _choice("letter", "cloze"),
     "dtype": lambda v: None if v in DTYPES else f"one of {list(DTYPES)}",
     "gradient_checkpointing": lambda v: None if isinstance(v, bool) else "true or false",
     "dp_epsilon": _optional(positive),

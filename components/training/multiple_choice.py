@@ -137,38 +137,114 @@ def answer_tokens(tokenizer) -> list[int]:
     return tokens
 
 
+def cloze_prompt(q: Question, shots: list[Question]) -> str:
+    """lm-evaluation-harness' ``mmlu_continuation`` prompt: the question alone, answered by a choice's text."""
+    head = f"The following are questions (with answers) about {q.subject.replace('_', ' ')}.\n\n"
+    solved = "".join(f"Question: {s.question.strip()}\nAnswer: {s.choices[s.answer].strip()}\n\n" for s in shots)
+    return head + solved + f"Question: {q.question.strip()}\nAnswer:"
+
+
+def _continuation(tokenizer, context: str, text: str) -> list[int]:
+    """Tokens of ``text`` after ``context``, as the tokenizer splits the whole (lm-eval-harness' rule)."""
+    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    full = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+    tail = full[len(head):] if full[: len(head)] == head else tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tail or tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def _cloze_picks(model, tokenizer, contexts: list[list[int]], choices: list[list[list[int]]],
+                 lengths: list[list[int]]) -> list[int]:
+    """The choice of each item with the highest log-likelihood per character (lm-eval's ``acc_norm``).
+
+    One forward pass per item: the context followed by every choice, each choice attending to the
+    context and to itself only (a 4D mask), its positions continuing the context's."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    rows, spans = [], []
+    for context, options in zip(contexts, choices):
+        ids, pos, seg, item = list(context), list(range(len(context))), [0] * len(context), []
+        for c, tokens in enumerate(options):
+            item.append((len(ids), tokens))
+            ids += tokens
+            pos += range(len(context), len(context) + len(tokens))
+            seg += [c + 1] * len(tokens)
+        rows.append((ids, pos, seg))
+        spans.append(item)
+    width = max(len(r[0]) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows], device=device)
+    pos = torch.tensor([r[1] + [0] * (width - len(r[1])) for r in rows], device=device)
+    seg = torch.tensor([r[2] + [-1] * (width - len(r[2])) for r in rows], device=device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])) & (seg[:, None, :] >= 0)
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding attends to itself: no empty row
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).logits
+    picks = []
+    for row, (context, item) in enumerate(zip(contexts, spans)):
+        scores = []
+        for (start, tokens), chars in zip(item, lengths[row]):
+            before = [len(context) - 1] + list(range(start, start + len(tokens) - 1))  # the position predicting each token
+            logp = torch.log_softmax(logits[row, before].float(), -1)
+            scores.append(logp[torch.arange(len(tokens)), torch.tensor(tokens, device=device)].sum().item() / max(chars, 1))
+        picks.append(max(range(len(scores)), key=scores.__getitem__))
+    return picks
+
+
 @torch.no_grad()
 def accuracy(model, tokenizer, questions: dict[str, list[Question]], *, shots: dict[str, list[Question]] | None = None,
-             k: int = 0, batch_size: int = 8, max_length: int = 2048) -> dict:
-    """{"accuracy", "n", "subjects": {subject: accuracy}} of ``model`` choosing by letter log-likelihood.
+             k: int = 0, batch_size: int = 8, max_length: int = 2048, style: str = "letter") -> dict:
+    """{"accuracy", "n", "subjects": {subject: accuracy}} of ``model`` on ``questions``.
 
-    k-shot prompts take the first k of ``shots[subject]`` (MMLU's dev split). A prompt longer than
-    max_length keeps its last tokens (the question), as lm-eval-harness does."""
-    letter_ids = torch.tensor(answer_tokens(tokenizer))
+    style "letter" (lm-eval-harness' ``mmlu``): the lettered choices are shown and the letter with
+    the highest log-likelihood is the answer. "cloze" (``mmlu_continuation``, the format SmolLM2's
+    reported MMLU numbers use): only the question is shown; the choice text with the highest
+    log-likelihood per character is the answer. k-shot prompts take the first k of
+    ``shots[subject]`` (MMLU's dev split). A prompt longer than max_length keeps its last tokens."""
+    if style not in ("letter", "cloze"):
+        raise ValueError(f"style: expected 'letter' or 'cloze', got {style!r}")
     max_length = min(max_length, getattr(model.config, "max_position_embeddings", None) or max_length)
     model.eval()
-    device = next(model.parameters()).device
     items = [(s, q) for s, qs in questions.items() for q in qs]
-    encoded = []
+    texts = []
     for subject, q in items:
         solved = (shots or {}).get(subject, [])[:k]
         if len(solved) < k:
             raise DataError(f"{k}-shot: subject {subject!r} has {len(solved)} solved examples")
-        encoded.append(tokenizer(prompt(q, solved), add_special_tokens=True)["input_ids"][-max_length:])
+        texts.append((prompt if style == "letter" else cloze_prompt)(q, solved))
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    if style == "cloze":
+        options = [[_continuation(tokenizer, t, f" {c.strip()}") for c in q.choices] for t, (_, q) in zip(texts, items)]
+        room = [max_length - sum(map(len, o)) for o in options]
+        encoded = [e[-max(r, 1):] for e, r in zip(encoded, room)]
+    else:
+        encoded = [e[-max_length:] for e in encoded]
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
     correct: dict[str, list[int]] = {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
-        position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count from each prompt's start
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits[:, -1, :].float()
-        for row, i in enumerate(chunk):
-            subject, q = items[i]
-            scores = torch.log_softmax(logits[row], -1)[letter_ids[: len(q.choices)].to(device)]
-            correct.setdefault(subject, []).append(int(scores.argmax().item() == q.answer))
+        if style == "cloze":
+            picks = _cloze_picks(model, tokenizer, [encoded[i] for i in chunk], [options[i] for i in chunk],
+                                 [[len(c.strip()) + 1 for c in items[i][1].choices] for i in chunk])
+        else:
+            picks = _letter_picks(model, tokenizer, [encoded[i] for i in chunk], [len(items[i][1].choices) for i in chunk])
+        for i, pick in zip(chunk, picks):
+            correct.setdefault(items[i][0], []).append(int(pick == items[i][1].answer))
     n = sum(len(v) for v in correct.values())
-    return {"accuracy": sum(map(sum, correct.values())) / n if n else math.nan, "n": n,
+    return {"accuracy": sum(map(sum, correct.values())) / n if n else math.nan, "n": n, "style": style,
             "subjects": {s: sum(v) / len(v) for s, v in sorted(correct.items())}}
+
+
+@torch.no_grad()
+def _letter_picks(model, tokenizer, encoded: list[list[int]], counts: list[int]) -> list[int]:
+    """The letter with the highest log-likelihood after each prompt (left-padded batch)."""
+    letter_ids = torch.tensor(answer_tokens(tokenizer))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count from each prompt's start
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits[:, -1, :].float()
+    return [int(torch.log_softmax(logits[row], -1)[letter_ids[:count].to(device)].argmax().item())
+            for row, count in enumerate(counts)]

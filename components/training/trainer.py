@@ -94,7 +94,7 @@ def train_lora(model, tokenizer, records: list[dict], cfg: SiteConfig, *, desc: 
     start = time.perf_counter()
     model.train()
     session = dp.session(model, optimizer, len(records), cfg) if dp is not None else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=[]), tqdm(total=cfg.local_steps, desc=desc, file=sys.stderr, disable=None) as bar, \
+    with torch.random.fork_rng(devices=[]), tqdm(total=cfg.local_steps, desc=desc, file=sys.stderr) as bar, \
             session as private:
         torch.manual_seed(cfg.seed)  # LoRA dropout
         for _ in range(cfg.local_steps):
@@ -170,7 +170,8 @@ def evaluate(model, tokenizer, records: list[dict], cfg: SiteConfig) -> dict:
         result["exact_match"] = hits / len(scored)
     if cfg.eval_mc:
         questions, shots = mc_questions(cfg.eval_mc, cfg.eval_mc_limit, cfg.eval_mc_shots)
-        mc = accuracy(model, tokenizer, questions, shots=shots, k=cfg.eval_mc_shots, batch_size=cfg.eval_batch_size)
+        mc = accuracy(model, tokenizer, questions, shots=shots, k=cfg.eval_mc_shots, batch_size=cfg.eval_batch_size,
+                      style=cfg.eval_mc_style)
         result.update(mc_accuracy=mc["accuracy"], mc_n=mc["n"])
     return result
 
