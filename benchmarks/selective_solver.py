@@ -2,6 +2,7 @@
 
     python benchmarks/selective_solver.py            # ~1-2 min on 2 shared cores
     python benchmarks/selective_solver.py --quick    # a few seconds
+    python benchmarks/selective_solver.py --timing 20  # only the cost path's time at 100 x 32, 100 instances
 
 Part 1 runs the heuristic (``select_layers(..., method="heuristic")``: block-coordinate ascent
 with group moves and perturbation restarts) and the exact DP on random instances small enough for
@@ -176,11 +177,41 @@ def large_cost_table(quick: bool, seed: int) -> list[dict]:
     return rows
 
 
+def timing(seeds: int) -> None:
+    """Only the time of the cost-weighted path at 100 x 32 (costs 1-3), over many instances: the
+    default solver on ``seeds`` x 5 instances (λ·N = 0.1 ... 10), with the unit-cost path's time on
+    the same sites as a gauge of how fast the machine is at the moment."""
+    times, unit = {lam_n: [] for lam_n in (0.1, 0.3, 1.0, 3.0, 10.0)}, []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed + 3)
+        for lam_n in times:
+            g, b, costs = cost_instance(rng, 100, 32, 24)
+            t0 = time.perf_counter()
+            select_layers(g, b, lam_n / 100, costs)
+            t1 = time.perf_counter()
+            select_layers(g, np.minimum(b, 8), lam_n / 100)
+            times[lam_n].append(t1 - t0)
+            unit.append(time.perf_counter() - t1)
+    print(f"100 sites x 32 layers, layer costs 1-3, budgets U[1, 24]: {seeds} instances per λ·N\n")
+    print("| λ·N | median ms | max ms |")
+    print("|---|---|---|")
+    for lam_n, t in times.items():
+        print(f"| {lam_n:g} | {1e3 * np.median(t):.0f} | {1e3 * max(t):.0f} |")
+    every = [x for t in times.values() for x in t]
+    print(f"\nall {len(every)}: max {1e3 * max(every):.0f} ms, {sum(x > 0.5 for x in every)} over 500 ms; "
+          f"unit-cost path on the same scores (budgets U[1, 8]): median {1e3 * np.median(unit):.0f} ms")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing", type=int, metavar="SEEDS", help="only time the cost-weighted path at 100 x 32 "
+                   "on SEEDS x 5 instances (no HiGHS)")
     args = p.parse_args(argv)
+    if args.timing:
+        timing(args.timing)
+        return 0
 
     rows = gap_table(args.quick, args.seed)
     print("heuristic vs exact DP (relative gap = (opt - heuristic) / |opt|)\n")
