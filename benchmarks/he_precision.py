@@ -49,7 +49,7 @@ def encrypted_mean(sites: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     he = EncryptedRounds(get_method("fedit"), server)
     updates = [SiteUpdate(f"site-{k}", EncryptedUpdate.from_wire(encrypt_state(s, site), server, fresh=True), n, 1, 1.0)
                for k, (s, n) in enumerate(zip(sites, WEIGHTS))]
-    params, _ = decrypt_payload(he.payload([he.aggregate(updates)], 0)[HE_KEY], site)
+    params = decrypt_payload(he.payload([he.aggregate(updates)], 0)[HE_KEY], site)
     return params
 
 

@@ -161,7 +161,7 @@ def our_path(sites, builder_args: dict) -> dict:
     down, t_agg = timed(aggregate)
 
     def decrypt():
-        params, _ = decrypt_payload(down[HE_KEY], site)
+        params = decrypt_payload(down[HE_KEY], site)
         return np.concatenate([params[k].double().reshape(-1).numpy() for k in sites[0]])
 
     got, t_dec = timed(decrypt)

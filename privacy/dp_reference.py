@@ -6,7 +6,7 @@ writes may move it: the filter derives it from what the server sent and from a s
 
 - ``ReceivedView``: per job, the latest value of every tensor the server sent (what a site installs;
   selective-layer tasks send only layers that changed, so one task alone is not enough).
-- ``init_seed``: the seed of every fresh adapter in a round, from the job id and the round (the same
+- ``init_seed`` (components/algorithms/lora_init.py): the seed of every fresh adapter in a round, from the job id and the round (the same
   at every site of the job: averaging methods need one shared start). The filter writes it into the
   task; flare-lora's client script draws its fresh adapters from it (lora_init.py).
 - ``derive_reference``: per result entry, by the method the task names (the server's word is
@@ -19,7 +19,6 @@ Pure torch; the FLARE filter is privacy/flare/client_dp_filter.py.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 
 from torch import Tensor
@@ -29,12 +28,7 @@ from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SU
 
 INIT_SEED_KEY = "client_dp_init_seed"  # task meta entry the filter adds; the client script reads it
 SLICING_METHODS = ("zero_pad", "fedcdd")  # a site of rank r installs A_g[:r], B_g[:, :r] / s
-FRESH_METHODS = ("flora",)  # a fresh adapter every round; the received rounds are merged into the base
-
-
-def init_seed(job_id: str, rnd: int) -> int:
-    """The 63-bit seed of round ``rnd``'s fresh adapters in job ``job_id``."""
-    return int.from_bytes(hashlib.sha256(f"client-dp-init|{job_id}|{int(rnd)}".encode()).digest()[:8], "big") >> 1
+FRESH_METHODS = ("flora", "shared_a")  # a fresh adapter every round; the received rounds are merged into the base
 
 
 class ReceivedView:
@@ -68,6 +62,8 @@ def expected_layout(method: str | None, received: dict[str, Tensor], modules, ra
         fresh = {}
         for prefix, out, in_dim in modules:
             fresh[prefix + LORA_A_SUFFIX], fresh[prefix + LORA_B_SUFFIX] = (rank, in_dim), (out, rank)
+    if method == "shared_a" and fresh is not None:  # A is the round's shared draw, not the site's: B only
+        return {k: v for k, v in fresh.items() if k.endswith(LORA_B_SUFFIX)}
     if method in FRESH_METHODS or (method is not None and method != "selective" and not received and fresh):
         return fresh
     if method == "selective" or not received:

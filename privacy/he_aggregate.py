@@ -1,4 +1,4 @@
-"""Aggregation on ciphertexts: weighted sums (FedIT, zero-padding, per layer) and FLoRA stacking.
+"""Aggregation on ciphertexts: weighted sums (shared-A, FedIT, zero-padding, per layer) and FLoRA stacking.
 
 Every rule the plugin runs under HE is linear in the sites' updates, so the server computes it
 on ciphertexts with public weights and never holds a secret key. A weighted mean Σ p_k x_k is
@@ -24,10 +24,11 @@ from torch import Tensor
 from flare_lora.components.algorithms.layer_average import layer_of
 from flare_lora.components.algorithms.lora_state import InvalidUpdate, normalize_weights
 from flare_lora.components.algorithms.stacking import concat_lora
+from flare_lora.components.strategies.base import unpack_rounds
 from flare_lora.privacy.he_packing import EncryptedUpdate, trim_lora
 
 # method -> (global kind, zero-pad to the round's largest rank)
-HE_METHODS = {"flora": ("stack", False), "fedit": ("sum", False), "zero_pad": ("sum", True)}
+HE_METHODS = {"flora": ("stack", False), "shared_a": ("sum", True), "fedit": ("sum", False), "zero_pad": ("sum", True)}
 VALUE_BOUND = 16.0  # |value| a site may encrypt (LoRA factors, small models' weights); sums are budgeted for it
 
 
@@ -232,20 +233,25 @@ def state_payload(ckks, global_: EncryptedGlobal | None) -> dict:
     return {"format": "state", "global": global_.to_wire(ckks) if global_ is not None else None}
 
 
-def decrypt_payload(wire, ckks) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(params the client script installs, the whole model in the payload as one state).
-
-    "rounds": params keyed ``r<round>/<key>``; the whole model is every round concatenated.
-    """
+def decrypt_payload(wire, ckks) -> dict[str, Tensor]:
+    """The params the client script installs: one state, or for "rounds" every round keyed
+    ``r<round>/<key>`` (shared-A rounds hold only B_g; the site redraws their A)."""
     if not isinstance(wire, Mapping) or wire.get("format") not in ("rounds", "state"):
         raise InvalidUpdate("not an encrypted payload: expected {'format': 'rounds'|'state', ...}")
     if wire["format"] == "state":
-        state = EncryptedGlobal.from_wire(wire["global"], ckks).decrypt(ckks) if wire.get("global") else {}
-        return state, state
+        return EncryptedGlobal.from_wire(wire["global"], ckks).decrypt(ckks) if wire.get("global") else {}
     rounds = {int(r): EncryptedGlobal.from_wire(g, ckks).decrypt(ckks) for r, g in wire["rounds"].items()}
-    params = {f"r{r}/{k}": v for r, state in sorted(rounds.items()) for k, v in state.items()}
-    done = [rounds[r] for r in sorted(rounds) if rounds[r]]
-    return params, (concat_lora(done) if done else {})
+    return {f"r{r}/{k}": v for r, state in sorted(rounds.items()) for k, v in state.items()}
+
+
+def payload_model(params: Mapping[str, Tensor], complete=None) -> dict[str, Tensor]:
+    """The whole model a decrypted payload holds, as one adapter: rounds (``r<round>/`` keys) are
+    concatenated after ``complete(round, state)`` (shared-A: adds the round's A); a state is itself."""
+    if not any("/" in k for k in params):
+        return dict(params)
+    rounds = unpack_rounds(params)
+    done = [complete(r, state) if complete else state for r, state in rounds.items() if state]
+    return concat_lora(done) if done else {}
 
 
 def layers_of(update: EncryptedUpdate) -> list[int]:

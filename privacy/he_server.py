@@ -87,10 +87,13 @@ class _Encrypted:
     def describe(self) -> dict:
         return {"context_id": self.ckks.context_id, "server_has_secret_key": self.ckks.private, **self.ckks.parameters}
 
-    def _plan(self, grouping: str, final: Mapping | None, pad_rank: int | None = None, scale_b: bool = False) -> dict:
-        """What the sites of a task must do: how to pack, to which rank to zero-pad, what to write."""
+    def _plan(self, grouping: str, final: Mapping | None, pad_rank: int | None = None, scale_b: bool = False,
+              shared_a: dict | None = None) -> dict:
+        """What the sites of a task must do: how to pack, to which rank to zero-pad, what to write
+        (shared-A's final task: how to redraw each round's A)."""
         return {"context_id": self.ckks.context_id, "grouping": grouping, "bound": VALUE_BOUND,
-                "pad_rank": pad_rank, "scale_b": scale_b, "final": dict(final) if final else None}
+                "pad_rank": pad_rank, "scale_b": scale_b, "final": dict(final) if final else None,
+                "shared_a": shared_a}
 
     def _load(self, params) -> tuple[dict[str, Tensor], EncryptedUpdate]:
         update = EncryptedUpdate.from_wire(_encrypted_params(params), self.ckks, fresh=True)
@@ -103,7 +106,11 @@ class _Encrypted:
 
 
 class EncryptedRounds(_Encrypted):
-    """Encrypted rounds of the multi-round LoRA job (flora, fedit, zero_pad)."""
+    """Encrypted rounds of the multi-round LoRA job (flora, shared_a, fedit, zero_pad).
+
+    Sites merge FLoRA's and shared-A's rounds into their base, so a site is sent every round it
+    lacks; shared-A sites send B only, zero-padded to the round's largest rank and times s_k, and
+    the server adds them: a site decrypts only the aggregate B_g."""
 
     def __init__(self, strategy: Strategy, ckks: Ckks):
         check_he_method(strategy.name)
@@ -118,8 +125,10 @@ class EncryptedRounds(_Encrypted):
 
     def plan(self, ranks: Sequence[int], final: Mapping | None = None) -> dict:
         self.pad_rank = max(ranks) if self.pad and ranks else None
+        shared_a = {"key": self.strategy.key, "in_dims": dict(self.strategy.in_dims)} \
+            if final and self.strategy.shared_a else None
         return self._plan("lora", {**final, "scaling": self.scaling} if final else None, self.pad_rank,
-                          scale_b=self.strategy.name == "zero_pad")
+                          scale_b=self.strategy.name in ("zero_pad", "shared_a"), shared_a=shared_a)
 
     def vet(self, params, rank: int, site: str, accepted: Sequence[SiteUpdate] = ()) -> tuple[dict[str, Tensor], EncryptedUpdate]:
         """(zero stubs of the update's declared shapes at ``rank``, for the plaintext checks; the update).
@@ -133,8 +142,9 @@ class EncryptedRounds(_Encrypted):
             if set(update.groups) != set(groups) or not all(same_slots(update.groups[g][0], groups[g]) for g in groups):
                 raise InvalidUpdate(f"tensors (keys/shapes) differ from {first}'s this round: ciphertexts add slot by "
                                     f"slot, so every site needs the same modules (and padded ranks)")
-        if set(update.groups) != {"A", "B"}:
-            raise InvalidUpdate(f"expected the LoRA groups A and B, got {sorted(update.groups)}")
+        groups = {"B"} if self.strategy.shared_a else {"A", "B"}
+        if set(update.groups) != groups:
+            raise InvalidUpdate(f"expected the LoRA group(s) {sorted(groups)}, got {sorted(update.groups)}")
         for name, (segments, _) in update.groups.items():
             for s in segments:
                 if group_of(s.key, "lora") != name:
@@ -153,7 +163,7 @@ class EncryptedRounds(_Encrypted):
         s = [u.scaling for u in updates]
         if self.strategy.name == "flora":
             return stack(self.ckks, enc, n, s)
-        if self.strategy.name == "zero_pad":
+        if self.strategy.name in ("zero_pad", "shared_a"):  # sums of padded factors, trimmed to the largest rank
             return zero_pad(self.ckks, enc, n, rank=max(u.rank for u in updates))
         self.scaling = s[0]  # one across the task: the strategy's check at vetting
         return fedit(self.ckks, enc, n)
@@ -161,7 +171,7 @@ class EncryptedRounds(_Encrypted):
     def payload(self, rounds: Sequence[EncryptedGlobal], merged: int, final: bool = False) -> dict:
         """Ciphertexts of the global a site lacks (the final task: all of it, so it can write the model)."""
         merged = 0 if final else merged
-        if self.kind == "stack":
+        if self.kind == "stack" or self.strategy.shared_a:  # rounds merged into the base: each one a site lacks
             wire = rounds_payload(self.ckks, {r: rounds[r] for r in range(merged, len(rounds))})
         else:
             wire = state_payload(self.ckks, rounds[-1] if rounds else None)

@@ -14,7 +14,8 @@ from nvflare.apis.shareable import Shareable
 
 from flare_lora.privacy.client_dp import update_norm
 from flare_lora.components.algorithms.lora_init import fresh_factor
-from flare_lora.privacy.dp_reference import INIT_SEED_KEY, init_seed
+from flare_lora.components.algorithms.lora_init import init_seed
+from flare_lora.privacy.dp_reference import INIT_SEED_KEY
 from flare_lora.privacy.flare.client_dp_filter import KEEP_TASKS, ClientDPFilter
 from test_dp import filter_call, state
 

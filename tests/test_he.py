@@ -113,7 +113,7 @@ def run_lora_round(server, site, method, ranks, n, alphas=None, states=None):
         check_update(SiteUpdate(f"site-{k}", stubs, nk, r, a))  # the plaintext vetting, on shapes only
         updates.append(SiteUpdate(f"site-{k}", encrypted, nk, r, a))
         plain.append(SiteUpdate(f"site-{k}", state, nk, r, a))
-    params, _ = decrypt_payload(he.payload([he.aggregate(updates)], 0)[HE_KEY], site)
+    params = decrypt_payload(he.payload([he.aggregate(updates)], 0)[HE_KEY], site)
     return params, get_method(method).aggregate(plain)
 
 
@@ -165,7 +165,7 @@ def test_selective_layers_average_per_layer(keys):
         assert set(stubs) == set(state)
         updates.append(encrypted)
     assert he.aggregate(updates, n) == [0, 1, 2]
-    params, _ = decrypt_payload(he.payload([1, 2])[HE_KEY], site)
+    params = decrypt_payload(he.payload([1, 2])[HE_KEY], site)
     want = {k: v for k, v in average_layers(states, n).items() if ".layers.0." not in k}
     assert_rel_close(params, want)
 
@@ -275,7 +275,7 @@ def test_one_shot_server_half_folds_arrivals(keys):
     for k in (1, 0):
         fold(f"s{k}", {HE_KEY: encrypt_state(states[k], site)}, 10 * (k + 1), 2 * (k + 1), 4.0 * (k + 1))
         plain.add(states[k], 10 * (k + 1), 2.0, f"s{k}")
-    params, _ = decrypt_payload(he.payload()[HE_KEY], site)
+    params = decrypt_payload(he.payload()[HE_KEY], site)
     assert_rel_close(unpack_rounds(params)[0], plain.result())
     with pytest.raises(InvalidUpdate, match="expected rank 3"):
         fold("s2", {HE_KEY: encrypt_state(lora(2, 2), site)}, 1, 3, 6.0)

@@ -199,7 +199,7 @@ def test_bf16_base_with_gradient_checkpointing_trains_float32_lora_like_without(
     digests = []
     for _ in range(2):  # two sites catching up on the same rounds
         site_model = add_lora(load_model(tiny_model_dir, cfg)[0], cfg)
-        assert FLoRA.install(site_model, rounds, 0, seed=1) == 2
+        assert FLoRA().install(site_model, rounds, 0, seed=1) == 2
         digests.append(weights_digest(base_weights(site_model)))
     assert digests[0] == digests[1]
     assert digests[0] != weights_digest(base_weights(add_lora(load_model(tiny_model_dir, cfg)[0], cfg)))

@@ -23,6 +23,12 @@ def module_seed(seed: int, prefix: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{int(seed)}|{prefix}".encode()).digest()[:8], "big") >> 1
 
 
+def init_seed(job_id: str, rnd: int) -> int:
+    """The 63-bit seed of round ``rnd``'s fresh adapters in job ``job_id``: the same at every site and
+    at the server (shared-A's A, the client-level DP filter's reference)."""
+    return int.from_bytes(hashlib.sha256(f"client-dp-init|{job_id}|{int(rnd)}".encode()).digest()[:8], "big") >> 1
+
+
 def fresh_lora_a(seed: int, prefix: str, shape: tuple[int, int]) -> Tensor:
     """Module ``prefix``'s initial A (rank, in), float32, as PEFT draws it (kaiming-uniform, a=√5).
 

@@ -22,6 +22,7 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from flare_lora.components.algorithms.merge import weights_digest
+from flare_lora.components.algorithms.shared_a import b_only
 from flare_lora.components.data.prompts import truncated
 from flare_lora.components.data.site_data import load_site_data
 from flare_lora.components.flare.ddp import SiteGroup
@@ -29,11 +30,12 @@ from flare_lora.components.flare.site_admission import admit_job
 from flare_lora.components.flare.site_args import client_parser, from_args
 from flare_lora.components.flare.tracking import SiteTracker
 from flare_lora.components.site_local import SiteLocal
-from flare_lora.components.strategies import get_method
+from flare_lora.components.strategies import SharedA, get_method
 from flare_lora.components.training.config import SiteConfig
 from flare_lora.components.training.lora import (
     add_lora,
     base_weights,
+    freeze_lora_a,
     layer_parameters,
     layer_state,
     load_layer_state,
@@ -75,6 +77,8 @@ def main(argv=None) -> None:
     model, tokenizer = load_model(args.model, cfg)
     if method.lora:
         model = add_lora(model, cfg, site)
+        if method.shared_a:
+            freeze_lora_a(model)
     model.to(group.device)
     trained = group.wrap(model)  # what train_lora steps: DDP averages the ranks' gradients
     train_set, eval_set, cut = site_records(args, site, cfg, tokenizer)
@@ -92,6 +96,11 @@ def main(argv=None) -> None:
         init_seed = seed if method.site_specific_init else seed - args.site_index  # averaging: shared init
         if task.init_seed is not None:  # client-level DP derives the start itself from the seed it handed out
             init_seed = task.init_seed
+        if method.shared_a:  # A: the round's shared draw, from the key the server names (B starts at 0)
+            if not task.shared_a_key:
+                raise ValueError(f"site {site!r}: method shared_a, but the task names no {SharedA.TASK_KEY!r}")
+            method.key = task.shared_a_key
+            init_seed = method.round_seed(rnd)
         merged = method.install(model, task.params, merged, seed=init_seed)
         digest = weights_digest(base_weights(model))
         group.check_same(digest, f"site {site!r} round {rnd}: base weights")
@@ -116,6 +125,7 @@ def main(argv=None) -> None:
         if method.lora:
             meta.update(rank=cfg.rank, alpha=cfg.alpha)
         params = lora_state(model) if method.lora else trainable_state(model)
+        params = b_only(params) if method.shared_a else params
         flare.send(FLModel(params=params, params_type=ParamsType.FULL, metrics=metrics, meta=meta))
     group.close()
 

@@ -1,4 +1,4 @@
-"""Server workflow for federated LoRA rounds (flora, fedit, zero_pad, fedcdd).
+"""Server workflow for federated LoRA rounds (flora, shared_a, fedit, zero_pad, fedcdd).
 
 The workflow core (workflow.py) samples, sends, waits, vets and writes; this controller adds the
 rounds: it ships each site exactly the global state it lacks (grouped by how many rounds the site
@@ -12,7 +12,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from flare_lora.components.algorithms.lora_state import InvalidUpdate, lora_module_shapes
 from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args, task_layout
-from flare_lora.components.strategies import METHODS, SiteUpdate, check_update, get_method
+from flare_lora.components.strategies import METHODS, FLoRA, SharedA, SiteUpdate, check_update, get_method
 from flare_lora.components.strategies.base import (
     DEFAULT_MAX_UPDATE_NORM,
     UpdateLimits,
@@ -40,7 +40,7 @@ class LoraController(FederatedWorkflow):
         **kwargs,
     ):
         """Args:
-        method: "flora" (exact stacking), "fedit", "zero_pad" or "fedcdd".
+        method: "flora" (exact stacking), "shared_a" (nested shared-A), "fedit", "zero_pad" or "fedcdd".
         num_rounds: training rounds; a final "validate" task evaluates the last global model.
         site_configs: {site: {"rank": r, "alpha": a, "target_modules": [...]}} as the job declared
             them; a site's result is vetted against its declared rank and modules and weighted by
@@ -61,6 +61,9 @@ class LoraController(FederatedWorkflow):
         if self.he:
             check_he_method(method)
         check_limits(self.max_examples, max_update_norm)
+        if method == "shared_a" and module_shapes is None:
+            raise ValueError("method 'shared_a': the server draws every site's A itself, so it needs the base "
+                             "model's module shapes (module_shapes; give the job the model or --model-config)")
         keep_args(self, locals())
         self.site_configs = site_configs or {}
         self.limits = UpdateLimits(pinned_shapes(module_shapes), self.max_examples, max_update_norm)
@@ -71,6 +74,9 @@ class LoraController(FederatedWorkflow):
 
     def make_aggregator(self, ckks):
         self.strategy = get_method(self.method, **(self.method_options or {}))
+        if self.strategy.shared_a:  # the seeds' key: this job's id, unless a checkpoint's rounds used another
+            self.strategy.key = self.fl_ctx.get_job_id()
+            self.strategy.in_dims = {prefix: shape[1] for prefix, shape in self.limits.module_shapes.items()}
         return EncryptedRounds(self.strategy, ckks) if ckks else PlainRounds(self.strategy)
 
     def identity(self) -> dict:
@@ -88,12 +94,15 @@ class LoraController(FederatedWorkflow):
                 self.learned.update(lora_module_shapes(state))
             if saved.extra.get("scaling") is not None:
                 self.strategy.scaling = saved.extra["scaling"]
+            if saved.extra.get("shared_a_key"):
+                self.strategy.key = saved.extra["shared_a_key"]
         for rnd in range(len(self.rounds), self.num_rounds):
             sites = self.sample(rnd)
             results, record = self.run_task("train", sites, rnd)
             updates: list[SiteUpdate] = []
             for site in sorted(results):
-                update = self.vet(rnd, site, record["sites"][site], lambda: self.vet_update(site, results[site], updates))
+                update = self.vet(rnd, site, record["sites"][site],
+                                  lambda: self.vet_update(site, results[site], updates, rnd))
                 if update is not None:
                     updates.append(update)
             self.require(rnd, [u.site for u in updates], sites)
@@ -102,12 +111,13 @@ class LoraController(FederatedWorkflow):
             record["aggregated"] = [u.site for u in updates]
             self.log["rounds"].append(record)
             self.info(f"round {rnd}: aggregated {len(updates)} site(s) with {self.method}")
-            self.save_checkpoint(checkpoint, self.rounds, {"scaling": getattr(self.strategy, "scaling", None)})
+            self.save_checkpoint(checkpoint, self.rounds, {"scaling": getattr(self.strategy, "scaling", None),
+                                                           "shared_a_key": getattr(self.strategy, "key", None)})
             self.write_results()
         results, record = self.run_task("validate", self.live_clients(self.num_rounds), self.num_rounds)
         self.log["final"] = record
         digests = {s: e["base_digest"] for s, e in record["sites"].items() if isinstance(e.get("base_digest"), str)}
-        if self.method == "flora" and len(set(digests.values())) > 1:
+        if isinstance(self.strategy, FLoRA) and len(set(digests.values())) > 1:
             self.error(f"sites hold different base weights after catch-up: {digests}")
         self.write_results(final=True)
 
@@ -131,6 +141,8 @@ class LoraController(FederatedWorkflow):
         spec = {"writer": "adapter", "base_model": self.base_model}
         for merged, group in sorted(by_lag.items()):
             meta = {"method": self.method, "round": rnd, "num_rounds": self.num_rounds, **self.layout_meta(group)}
+            if self.strategy.shared_a:
+                meta[SharedA.TASK_KEY] = self.strategy.key
             plan = self.aggregator.plan([self.site_configs.get(s, {}).get("rank", 0) for s in sites],
                                         spec if final else None)
             if plan is not None:
@@ -153,9 +165,10 @@ class LoraController(FederatedWorkflow):
         modules and each site's declared rank and alpha (the server's word, not the job code's)."""
         return task_layout(self.limits.module_shapes, self.site_configs, sites)
 
-    def vet_update(self, site: str, result: FLModel, accepted: list[SiteUpdate]) -> SiteUpdate:
-        """The site's result as a SiteUpdate, checked in clear (HE: on its declared shapes) against
-        its declared rank/alpha, the shapes seen so far and the method's own rules."""
+    def vet_update(self, site: str, result: FLModel, accepted: list[SiteUpdate], rnd: int) -> SiteUpdate:
+        """The site's result of round ``rnd`` as a SiteUpdate, checked in clear (HE: on its declared
+        shapes) against its declared rank/alpha, the shapes seen so far and the method's own rules
+        (shared-A: its B's with the A the server draws itself)."""
         meta = result.meta or {}
         declared = self.site_configs.get(site, {})
         merged = meta.get("merged_rounds")
@@ -163,6 +176,9 @@ class LoraController(FederatedWorkflow):
             raise InvalidUpdate(f"merged_rounds: expected an int in [0, {len(self.rounds)}], got {merged!r}")
         rank = declared.get("rank", meta.get("rank"))
         checked, state = self.aggregator.vet(result.params, rank, site, accepted)
+        if self.strategy.shared_a:
+            checked = self.strategy.expand(checked, rnd)
+            state = state if self.aggregator.encrypted else checked
         update = SiteUpdate(site=site, state=checked, num_examples=meta.get("num_examples", 0), rank=rank,
                             alpha=declared.get("alpha", meta.get("alpha", 0.0)))
         check_update(update, self.limits, learned=self.learned, targets=declared.get("target_modules"))

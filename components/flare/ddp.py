@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flare_lora.components.strategies import SharedA
 from flare_lora.privacy.dp_reference import INIT_SEED_KEY
 
 CONTROL_TIMEOUT = timedelta(days=7)  # a rank > 0 may wait this long for the site's next task
@@ -36,6 +37,7 @@ class Task:
     current_round: int
     train: bool
     init_seed: int | None = None  # the round's fresh-adapter seed a client-DP filter handed out
+    shared_a_key: str | None = None  # shared-A: the key of the rounds' A seeds, the server's word
 
 
 class SiteGroup:
@@ -82,9 +84,11 @@ class SiteGroup:
             if self.is_main and flare.is_running():
                 received = flare.receive()
                 if received is not None:
-                    seed = (received.meta or {}).get(INIT_SEED_KEY)
+                    meta = received.meta or {}
+                    seed, key = meta.get(INIT_SEED_KEY), meta.get(SharedA.TASK_KEY)
                     task = Task(dict(received.params or {}), received.current_round or 0, flare.is_train(),
-                                seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+                                seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+                                key if isinstance(key, str) else None)
             task = self.share(task)
             if task is None:
                 return

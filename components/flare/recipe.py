@@ -1,4 +1,4 @@
-"""``LoraRecipe``: the FLARE Recipe of the multi-round LoRA job (flora, fedit, zero_pad, fedcdd).
+"""``LoraRecipe``: the FLARE Recipe of the multi-round LoRA job (flora, shared_a, fedit, zero_pad, fedcdd).
 
 The shared recipe core (recipe_base.py) validates and wires the sites; this adds the method's
 own checks, the LoraController and the optional site-side noise mask.
@@ -16,7 +16,7 @@ from flare_lora.components.strategies import get_method
 from flare_lora.components.training.config import ConfigError, SiteConfig
 from flare_lora.privacy.he_aggregate import check_he_method
 
-HETEROGENEOUS = "use method flora or zero_pad, or fedcdd with target delta, for heterogeneous ranks"
+HETEROGENEOUS = "use method flora, shared_a or zero_pad, or fedcdd with target delta, for heterogeneous ranks"
 
 
 class LoraRecipe(SiteRecipe):
@@ -34,7 +34,7 @@ class LoraRecipe(SiteRecipe):
         **common,
     ):
         """Args: those of SiteRecipe (sites, num_rounds, min_clients, model, data, he, client_dp, ...), and
-        method: "flora" (exact stacking, default), "fedit", "zero_pad" or "fedcdd".
+        method: "flora" (exact stacking, default), "shared_a" (nested shared-A), "fedit", "zero_pad" or "fedcdd".
         method_options: the method's typed options, e.g. for fedcdd
             {"variant": "consensus", "temperature": 0.1, "target": "delta"} (docs/fedcdd.md).
         mask_rho: if set, every site masks its update before upload (noise_mask.py): keeps the
@@ -60,15 +60,18 @@ class LoraRecipe(SiteRecipe):
     def check(self, configs: Mapping[str, SiteConfig], *, num_rounds: int, he: bool) -> None:
         if self.method == "fedit":
             check_same(configs, ("rank", "alpha", "target_modules"), "fedit", HETEROGENEOUS)
-        if self.method == "flora" and num_rounds > 1:  # every site merges each round into its base weights
-            check_same(configs, ("dtype",), "flora",
+        if self.method in ("flora", "shared_a") and num_rounds > 1:  # every site merges each round into its base
+            check_same(configs, ("dtype",), self.method,
                        "sites keep identical base weights only when they merge in the same dtype")
-        if he and self.method == "zero_pad":  # ciphertexts add slot by slot: the same tensors at every site
-            check_same(configs, ("target_modules",), "zero_pad with he", HETEROGENEOUS)
+        if he and self.method in ("zero_pad", "shared_a"):  # ciphertexts add slot by slot: the same tensors everywhere
+            check_same(configs, ("target_modules",), f"{self.method} with he", HETEROGENEOUS)
         if self.method == "fedcdd" and (self.method_options or {}).get("target", "factors") == "factors":
             check_same(configs, ("rank", "target_modules"), "fedcdd (target factors)", HETEROGENEOUS)
 
     def make_controller(self, configs: Mapping[str, SiteConfig], workflow_args: dict):
+        if self.method == "shared_a" and self.module_shapes is None:
+            raise ConfigError("method shared_a: the server draws every site's A itself from the base model's "
+                              "module shapes; give --model-config (the model's dir, .gguf or config.json)")
         return LoraController(method=self.method, num_rounds=self.num_rounds, method_options=self.method_options,
                               site_configs=declared(configs), module_shapes=self.module_shapes,
                               max_update_norm=self.max_update_norm, **workflow_args)

@@ -13,11 +13,11 @@ from flare_lora.components.strategies.base import (
     unpack_rounds,
 )
 from flare_lora.components.strategies.full import FullParameters
-from flare_lora.components.strategies.lora import FedCDD, FedCDDOptions, FedIT, FLoRA, ZeroPad
+from flare_lora.components.strategies.lora import FedCDD, FedCDDOptions, FedIT, FLoRA, SharedA, ZeroPad
 from flare_lora.components.strategies.registry import METHODS, ONE_SHOT_METHODS, REGISTRY, get_method
 
 __all__ = [
     "METHODS", "ONE_SHOT_METHODS", "REGISTRY", "FLoRA", "FedCDD", "FedCDDOptions", "FedIT", "FullParameters",
-    "SiteUpdate", "Strategy", "ZeroPad", "check_examples", "check_update", "get_method", "pack_rounds",
+    "SharedA", "SiteUpdate", "Strategy", "ZeroPad", "check_examples", "check_update", "get_method", "pack_rounds",
     "unpack_rounds",
 ]

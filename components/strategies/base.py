@@ -55,6 +55,7 @@ class Strategy(Protocol):
     name: str
     lora: bool  # updates are LoRA factors (else full weights)
     site_specific_init: bool  # True: each site starts each round from its own random A
+    shared_a: bool  # True: sites train only B on the round's shared A and upload B
 
     def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
         """The method's own rule for one more update next to those accepted (raises InvalidUpdate)."""

@@ -17,6 +17,7 @@ class FullParameters:
     name = "full"
     lora = False
     site_specific_init = False
+    shared_a = False
 
     def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
         """Any site: the average fixes the parameter set at the first arrival."""

@@ -1,7 +1,7 @@
-"""The LoRA strategies: FLoRA stacking, FedIT, zero-padding (HetLoRA) and FedCDD.
+"""The LoRA strategies: FLoRA stacking, nested shared-A, FedIT, zero-padding (HetLoRA) and FedCDD.
 
 Wire format of a global payload (``FLModel.params``): a flat dict of tensors. FLoRA sends every
-stacked round the site has not merged yet, keyed ``"r<round>/<lora key>"``; FedIT, zero-pad and
+stacked round the site has not merged yet, keyed ``"r<round>/<lora key>"`` (shared-A: their B's only); FedIT, zero-pad and
 FedCDD send the current global adapter under its plain LoRA keys (docs/design.md).
 """
 
@@ -19,12 +19,20 @@ from flare_lora.components.algorithms.consensus_divergence import (
     check_options,
     fedcdd_aggregate,
 )
+from flare_lora.components.algorithms.lora_init import init_seed
 from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, InvalidUpdate
 from flare_lora.components.algorithms.merge import float_masters, merge_rounds_into
 from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
+from flare_lora.components.algorithms.shared_a import b_only, shared_a_sum, with_shared_a
 from flare_lora.components.algorithms.stacking import concat_lora, stack_lora
 from flare_lora.components.strategies.base import SiteUpdate, check_one_scaling, pack_rounds, unpack_rounds
-from flare_lora.components.training.lora import base_weights, check_linear_modules, load_lora_state, reset_lora
+from flare_lora.components.training.lora import (
+    base_weights,
+    check_linear_modules,
+    load_lora_state,
+    lora_in_dims,
+    reset_lora,
+)
 
 
 class FLoRA:
@@ -33,6 +41,7 @@ class FLoRA:
     name = "flora"
     lora = True
     site_specific_init = True  # each site starts each round from its own random A
+    shared_a = False  # True: sites train B only, on the round's shared A
 
     def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
         """Stacking takes any mix of ranks and alphas."""
@@ -53,8 +62,7 @@ class FLoRA:
         done = [r for r in rounds if r]
         return (concat_lora(done) if done else {}), 1.0
 
-    @staticmethod
-    def install(peft_model, params: Mapping[str, Tensor], merged_rounds: int, seed: int) -> int:
+    def install(self, peft_model, params: Mapping[str, Tensor], merged_rounds: int, seed: int) -> int:
         """Merge the rounds a site lacks into its base weights, then start a fresh LoRA.
 
         New rounds must continue at ``merged_rounds``; every site adds the same factors in the same
@@ -66,6 +74,7 @@ class FLoRA:
         expected = list(range(merged_rounds, merged_rounds + len(rounds)))
         if list(rounds) != expected:
             raise InvalidUpdate(f"catch-up rounds {list(rounds)} do not continue merged round count {merged_rounds}")
+        rounds = {r: self.received_round(peft_model, r, state) for r, state in rounds.items()}
         for state in rounds.values():
             if state:
                 check_linear_modules(peft_model, state)
@@ -73,8 +82,57 @@ class FLoRA:
         reset_lora(peft_model, seed)
         return merged_rounds + len(rounds)
 
+    @staticmethod
+    def received_round(peft_model, rnd: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A round of the payload as the site merges it (stacking: as sent)."""
+        return state
+
     def fold(self) -> StackFold:
         return StackFold()
+
+
+class SharedA(FLoRA):
+    """Nested shared-A (algorithms/shared_a.py): every site of round t trains only B on the first r_k
+    rows of one frozen A drawn from the round's shared seed (``init_seed(key, t)``); the server's
+    global is a weighted sum of zero-padded B's, exact for mixed ranks, and under HE a plain sum of
+    ciphertexts. Rounds are merged into the base as with FLoRA; only B's travel.
+
+    ``key`` names the seeds: the server sets it (the id of the job that ran round 0, kept in its
+    checkpoint) and sends it with every task, and a site takes it from there. ``in_dims`` (server: the
+    job's pinned module shapes) lets the server redraw each site's A to vet and export it.
+    """
+
+    name = "shared_a"
+    site_specific_init = False
+    shared_a = True
+    TASK_KEY = "shared_a_key"  # task meta entry carrying ``key``
+
+    def __init__(self):
+        self.key = ""
+        self.in_dims: dict[str, int] = {}
+
+    def round_seed(self, rnd: int) -> int:
+        return init_seed(self.key, rnd)
+
+    def expand(self, state: Mapping[str, Tensor], rnd: int) -> dict[str, Tensor]:
+        """Server: a site's B-only update of round ``rnd`` with its A (the server's own draw)."""
+        return with_shared_a(state, self.round_seed(rnd), self.in_dims)
+
+    def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
+        return shared_a_sum([u.state for u in updates], [u.num_examples for u in updates],
+                            [u.scaling for u in updates])
+
+    @staticmethod
+    def payload(rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
+        """The B_g of every round the site lacks (its A is redrawn at the site)."""
+        return pack_rounds({r: b_only(rounds[r]) for r in range(merged_rounds, len(rounds))})
+
+    def received_round(self, peft_model, rnd: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """B_g completed with round ``rnd``'s shared A at its rank, for the site's own modules' in-features."""
+        return with_shared_a(state, self.round_seed(rnd), lora_in_dims(peft_model))
+
+    def fold(self):
+        raise ValueError("method 'shared_a': no one-shot fold (one-shot methods: flora, fedit, full)")
 
 
 class _Averaging:
@@ -83,6 +141,7 @@ class _Averaging:
     lora = True
     scaling = 1.0  # scaling the global adapter is applied with
     site_specific_init = False  # round 0: every site must start from the same adapter
+    shared_a = False
 
     def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
         """Any mix of ranks (the global is applied with scaling 1)."""

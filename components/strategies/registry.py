@@ -6,17 +6,18 @@ import dataclasses
 
 from flare_lora.components.strategies.base import Strategy
 from flare_lora.components.strategies.full import FullParameters
-from flare_lora.components.strategies.lora import FedCDD, FedCDDOptions, FedIT, FLoRA, ZeroPad
+from flare_lora.components.strategies.lora import FedCDD, FedCDDOptions, FedIT, FLoRA, SharedA, ZeroPad
 
 # name -> (strategy class, its options dataclass or None)
 REGISTRY: dict[str, tuple[type, type | None]] = {
     "flora": (FLoRA, None),
+    "shared_a": (SharedA, None),
     "fedit": (FedIT, None),
     "zero_pad": (ZeroPad, None),
     "fedcdd": (FedCDD, FedCDDOptions),
     "full": (FullParameters, None),
 }
-METHODS = ("flora", "fedit", "zero_pad", "fedcdd")  # LoRA methods of the multi-round job
+METHODS = ("flora", "shared_a", "fedit", "zero_pad", "fedcdd")  # LoRA methods of the multi-round job
 ONE_SHOT_METHODS = ("flora", "fedit", "full")  # those with an arrival-order fold
 
 

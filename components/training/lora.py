@@ -63,6 +63,19 @@ def reset_lora(peft_model: PeftModel, seed: int, prefixes=None) -> None:
                     nn.init.zeros_(module.lora_B[name].weight)
 
 
+def lora_in_dims(peft_model: PeftModel) -> dict[str, int]:
+    """{module prefix: in features} of the modules the adapter has (prefixes as in its state keys)."""
+    return {prefix: module.in_features for prefix, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def freeze_lora_a(peft_model: PeftModel) -> None:
+    """Only the B factors train (shared-A: every site's A is the round's shared draw)."""
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for layer in module.lora_A.values():
+                layer.weight.requires_grad_(False)
+
+
 def lora_state(peft_model: PeftModel) -> dict[str, Tensor]:
     """The adapter's factors in PEFT key layout, as detached float32 CPU copies."""
     state = get_peft_model_state_dict(peft_model)

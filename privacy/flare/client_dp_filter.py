@@ -40,14 +40,15 @@ from nvflare.app_common.app_constant import AppConstants
 
 from flare_lora.privacy.client_dp import check_client_dp, privatize, release, update_norm
 from flare_lora.components.algorithms.layer_average import layer_of
+from flare_lora.components.algorithms.lora_init import init_seed
 from flare_lora.components.optional import load
 from flare_lora.privacy.dp_reference import (
     INIT_SEED_KEY,
+    FRESH_METHODS,
     SLICING_METHODS,
     ReceivedView,
     derive_reference,
     expected_layout,
-    init_seed,
 )
 from flare_lora.privacy.ledger import PrivacyLedger, epsilon, site_ledger
 from flare_lora.privacy.released_stats import FLARE_LORA_METRICS, released_meta, released_metrics
@@ -244,7 +245,7 @@ class ClientDPFilter(DXOFilter):
                 f"task, and nothing was kept for task {task} of job {job}: add ClientDPFilter to the scope's "
                 "task_data_filters (local/privacy.json) as well as its task_result_filters; not sending the update")
         method = info["method"]
-        if info["encrypted"] and method != "flora":
+        if info["encrypted"] and method not in FRESH_METHODS:  # their start is fresh whatever was sent
             raise ValueError(f"client DP at {site!r}: the global of task {task} arrived encrypted, so this filter "
                              "cannot tell where training started; with HE, enable client DP in the job "
                              "(--client-dp-*: it sees the decrypted global); not sending the update")

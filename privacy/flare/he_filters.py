@@ -27,11 +27,14 @@ from nvflare.apis.shareable import Shareable
 
 
 from flare_lora.components.adapter_export import write_model
-from flare_lora.privacy.he_aggregate import decrypt_payload
+from flare_lora.components.algorithms.lora_init import init_seed
+from flare_lora.components.algorithms.shared_a import with_shared_a
+from flare_lora.privacy.he_aggregate import decrypt_payload, payload_model
 from flare_lora.privacy.he_context import CLIENT_CONTEXT, Ckks, HEContextError, load_context
 from flare_lora.privacy.he_packing import HE_KEY, encrypt_state
 
-PLAN_KEY = "he"  # task meta key of the server's plan: {"context_id", "grouping", "bound", "pad_rank", "scale_b", "final"}
+PLAN_KEY = "he"  # task meta key of the server's plan: {"context_id", "grouping", "bound", "pad_rank", "scale_b", "final",
+#                  "shared_a"}
 PLAN_PROP = "flare_lora_he_plan"  # the plan, handed from the task-data filter to the task-result filter
 RESULTS_DIRNAME = "flare_lora"
 
@@ -87,9 +90,9 @@ class HEDecryptFilter(_SiteHE):
         ckks, site, plan = self._context(fl_ctx), fl_ctx.get_identity_name(), fl_ctx.get_prop(PLAN_PROP)
         params = dxo.data if isinstance(dxo.data, dict) else {}
         if HE_KEY in params:
-            params, whole = decrypt_payload(params[HE_KEY], ckks)
+            params = decrypt_payload(params[HE_KEY], ckks)
             if plan.get("final"):
-                self._write_final(whole, plan["final"], fl_ctx)
+                self._write_final(payload_model(params, shared_a_rounds(plan.get("shared_a"))), plan["final"], fl_ctx)
         elif params:
             raise HEContextError(f"{site}: HE is on but the server sent {len(params)} plaintext tensor(s); refusing them")
         dxo.data = params
@@ -101,6 +104,16 @@ class HEDecryptFilter(_SiteHE):
         out = os.path.join(workspace.get_run_dir(fl_ctx.get_job_id()), RESULTS_DIRNAME)
         written = write_model(out, state, final)
         self.log_info(fl_ctx, f"HE: decrypted final model written at this site: {written}")
+
+
+def shared_a_rounds(spec):
+    """For the plan's {"key", "in_dims"} (shared-A's final task): complete(round, B-only state), which
+    adds the round's A drawn as every site drew it; None for other methods."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("key"), str) or not isinstance(spec.get("in_dims"), dict):
+        raise HEContextError(f"the HE plan's shared_a entry is malformed: {str(spec)[:120]}")
+    return lambda rnd, state: with_shared_a(state, init_seed(spec["key"], rnd), spec["in_dims"])
 
 
 class HEEncryptFilter(_SiteHE):
