@@ -135,6 +135,7 @@ def test_a_bad_lora_update_is_rejected_and_leaves_the_stack_untouched():
          "site 'site-2': key 'rank': fedit needs the same value at every site"),
         ({"task_timeout": 60}, "task_timeout: not an option of the one-shot job"),
         ({"checkpoint_dir": "ckpt"}, "checkpoint_dir: not an option of the one-shot job"),
+        ({"method": "shared_a", "he": True}, "one-shot shared_a cannot fold ciphertexts"),
     ],
 )
 def test_recipe_config_errors_before_the_job_starts(kwargs, match, tiny_model_dir):

@@ -213,3 +213,38 @@ def test_simulator_job_with_dp_sgd_on_b_and_client_dp(tmp_path, tiny_model_dir):
     ranks = {t.shape[0] for k, t in adapter.items() if k.endswith(A)}
     assert ranks == {4 + 4}  # two rounds, each at the round's largest rank
     assert all(bool(t.isfinite().all()) for t in adapter.values())
+
+
+def test_one_shot_fold_is_the_round_sum_in_any_order_and_refuses_a_bad_update():
+    strategy = get_method("shared_a")
+    strategy.bind("job-1s", {Q: (48, 32), V: (48, 32)})
+    updates = [SiteUpdate(f"site-{k}", strategy.expand(b_state(r, k), 0), 10 * (k + 1), r, 2.0 * r)
+               for k, r in enumerate([2, 4, 8])]
+    forward, backward = strategy.fold(), strategy.fold()
+    for u in updates:
+        forward.add(u)
+    for u in reversed(updates):
+        backward.add(u)
+    want = strategy.aggregate(updates)
+    for fold in (forward, backward):
+        state, scaling = fold.result()
+        assert scaling == 1.0 and all(torch.allclose(state[k], want[k], atol=1e-6) for k in want)
+    bad = SiteUpdate("site-9", dict(updates[0].state), 5, 2, 4.0)
+    bad.state[Q + A] = bad.state[Q + A] * 2  # not the round's A
+    with pytest.raises(ValueError, match="not a prefix"):
+        forward.add(bad)
+    with pytest.raises(InvalidUpdate, match="already contributed"):
+        forward.add(updates[0])
+    assert forward.sites == ["site-0", "site-1", "site-2"]
+
+
+@pytest.mark.e2e
+def test_one_shot_job_with_mixed_ranks(tmp_path, tiny_model_dir):
+    log, results, _ = run_job(tmp_path, tiny_model_dir, "--method", "shared_a", "--ranks", "2,4,8", "--in-process",
+                              "--evaluate-global", job=Path(__file__).resolve().parents[1] / "nvflare_jobs" / "one_shot" / "job.py")
+    assert log["protocol"] == "one_shot" and not log.get("error")
+    assert sorted(log["rounds"][0]["aggregated"]) == ["site-1", "site-2", "site-3"]
+    adapter = load_file(results / "adapter" / "adapter_model.safetensors")
+    assert {t.shape[0] for k, t in adapter.items() if k.endswith(A)} == {8}  # one round at the largest rank
+    final = log["final"]["sites"]  # every site installed the B-only global on its redrawn A and evaluated it
+    assert sorted(final) == ["site-1", "site-2", "site-3"] and all("eval_loss" in e["metrics"] for e in final.values())

@@ -58,12 +58,11 @@ class LoraController(FederatedWorkflow):
         if method not in METHODS:  # "full" is one-shot only: its updates are not LoRA factors
             raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
         get_method(method, **(method_options or {}))  # fail at config time on an unknown option
+        if method == "shared_a":
+            get_method(method).bind("", pinned_shapes(module_shapes))  # fails without the module shapes
         if self.he:
             check_he_method(method)
         check_limits(self.max_examples, max_update_norm)
-        if method == "shared_a" and module_shapes is None:
-            raise ValueError("method 'shared_a': the server draws every site's A itself, so it needs the base "
-                             "model's module shapes (module_shapes; give the job the model or --model-config)")
         keep_args(self, locals())
         self.site_configs = site_configs or {}
         self.limits = UpdateLimits(pinned_shapes(module_shapes), self.max_examples, max_update_norm)
@@ -75,8 +74,7 @@ class LoraController(FederatedWorkflow):
     def make_aggregator(self, ckks):
         self.strategy = get_method(self.method, **(self.method_options or {}))
         if self.strategy.shared_a:  # the seeds' key: this job's id, unless a checkpoint's rounds used another
-            self.strategy.key = self.fl_ctx.get_job_id()
-            self.strategy.in_dims = {prefix: shape[1] for prefix, shape in self.limits.module_shapes.items()}
+            self.strategy.bind(self.fl_ctx.get_job_id(), self.limits.module_shapes)
         return EncryptedRounds(self.strategy, ckks) if ckks else PlainRounds(self.strategy)
 
     def identity(self) -> dict:

@@ -18,7 +18,7 @@ import time
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from flare_lora.components.flare.workflow import FederatedWorkflow, JobFailed, keep_args, task_layout
-from flare_lora.components.strategies import ONE_SHOT_METHODS, SiteUpdate, check_examples, check_update, get_method
+from flare_lora.components.strategies import ONE_SHOT_METHODS, SharedA, SiteUpdate, check_examples, check_update, get_method
 from flare_lora.components.strategies.base import DEFAULT_MAX_UPDATE_NORM, UpdateLimits, check_limits, pinned_shapes
 from flare_lora.components.strategies.aggregators import PlainFold
 from flare_lora.privacy.he_server import EncryptedFold
@@ -57,8 +57,8 @@ class OneShotController(FederatedWorkflow):
         **kwargs,
     ):
         """Args:
-        method: "flora" (incremental stacking), "fedit" (running average of the LoRA factors) or
-            "full" (running average of full weights).
+        method: "flora" (incremental stacking), "shared_a" (the folded B's summed on the shared A; not
+            with he), "fedit" (running average of the LoRA factors) or "full" (running average of full weights).
         sites: the sites the job expects (default: whoever is connected at the start).
         deadline: seconds after the train task went out; from then on the job finishes as soon as
             min_clients results are in.
@@ -84,6 +84,10 @@ class OneShotController(FederatedWorkflow):
         if method == "full" and (module_shapes is not None or max_update_norm is not None):
             raise ValueError(f"{'module_shapes' if module_shapes is not None else 'max_update_norm'}: applies to "
                              "LoRA factors; method 'full' sends full weights")
+        if method == "shared_a":
+            if self.he:
+                raise ValueError("he: one-shot shared_a cannot fold ciphertexts; use the multi-round job")
+            get_method(method).bind("", pinned_shapes(module_shapes))  # fails without the module shapes
         bound = DEFAULT_MAX_UPDATE_NORM if max_update_norm is None else max_update_norm
         check_limits(self.max_examples, bound)
         keep_args(self, locals())
@@ -95,6 +99,8 @@ class OneShotController(FederatedWorkflow):
 
     def make_aggregator(self, ckks):
         self.strategy = get_method(self.method)
+        if self.strategy.shared_a:
+            self.strategy.bind(self.fl_ctx.get_job_id(), self.limits.module_shapes)
         return EncryptedFold(self.strategy, ckks) if ckks else PlainFold(self.strategy)
 
     def workflow(self) -> None:
@@ -112,6 +118,8 @@ class OneShotController(FederatedWorkflow):
         plan = self.aggregator.plan()
         if plan is not None:
             meta["he"] = plan
+        if self.strategy.shared_a:
+            meta[SharedA.TASK_KEY] = self.strategy.key
         data = FLModel(params={}, params_type=ParamsType.FULL, current_round=0, total_rounds=1, meta=meta)
         self.send("train", data, sites, self.record, self.on_result)
         self.wait_deadline(sites)
@@ -181,6 +189,8 @@ class OneShotController(FederatedWorkflow):
         declared = self.site_configs.get(site, {})
         rank = declared.get("rank", meta.get("rank"))
         checked, state = self.aggregator.vet(result.params, rank, site)
+        if self.strategy.shared_a:  # its B's with the A the server draws itself
+            checked = state = self.strategy.expand(checked, 0)
         update = SiteUpdate(site=site, state=checked, num_examples=meta.get("num_examples", 0), rank=rank or 1,
                             alpha=declared.get("alpha", meta.get("alpha", 0.0 if self.strategy.lora else 1.0)))
         if self.strategy.lora:
@@ -199,6 +209,8 @@ class OneShotController(FederatedWorkflow):
         that died mid-training may still count as connected, and waiting for it would hang."""
         connected = sorted(c.name for c in self.engine.get_clients() if c.name in folded)
         meta = {"method": self.method, "round": 1, "num_rounds": 1}
+        if self.strategy.shared_a:
+            meta[SharedA.TASK_KEY] = self.strategy.key
         plan = self.aggregator.plan({"base_model": self.base_model})
         if plan is not None:
             meta["he"] = plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from flare_lora.components.flare.one_shot_controller import OneShotController, check_one_shot_options
+from flare_lora.components.flare.recipe import check_shared_a
 from flare_lora.components.flare.recipe_base import SiteRecipe, check_same, declared
 from flare_lora.components.training.config import ConfigError, SiteConfig
 
@@ -58,10 +59,14 @@ class OneShotRecipe(SiteRecipe):
         return None
 
     def check(self, configs: Mapping[str, SiteConfig], *, num_rounds: int, he: bool) -> None:
+        if he and self.method == "shared_a":
+            raise ConfigError("--he: one-shot shared_a cannot fold ciphertexts yet; use the multi-round job "
+                              "(nvflare_jobs/flora/job.py --method shared_a --rounds 1 --he) or one-shot flora/fedit")
         if self.method == "fedit":  # a running average of A's and B's: one rank, alpha and module set
             check_same(configs, ("rank", "alpha", "target_modules"), "fedit", "use method flora for heterogeneous ranks")
 
     def make_controller(self, configs: Mapping[str, SiteConfig], workflow_args: dict):
+        check_shared_a(self.method, self.module_shapes)
         return OneShotController(method=self.method, sites=list(configs), deadline=self.deadline,
                                  late_grace=self.late_grace, timeout=self.timeout,
                                  evaluate_global=self.evaluate_global,

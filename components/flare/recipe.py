@@ -19,6 +19,12 @@ from flare_lora.privacy.he_aggregate import check_he_method
 HETEROGENEOUS = "use method flora, shared_a or zero_pad, or fedcdd with target delta, for heterogeneous ranks"
 
 
+def check_shared_a(method: str, module_shapes) -> None:
+    if method == "shared_a" and module_shapes is None:
+        raise ConfigError("method shared_a: the server draws every site's A itself from the base model's "
+                          "module shapes; give --model-config (the model's dir, .gguf or config.json)")
+
+
 class LoraRecipe(SiteRecipe):
     def __init__(
         self,
@@ -69,9 +75,7 @@ class LoraRecipe(SiteRecipe):
             check_same(configs, ("rank", "target_modules"), "fedcdd (target factors)", HETEROGENEOUS)
 
     def make_controller(self, configs: Mapping[str, SiteConfig], workflow_args: dict):
-        if self.method == "shared_a" and self.module_shapes is None:
-            raise ConfigError("method shared_a: the server draws every site's A itself from the base model's "
-                              "module shapes; give --model-config (the model's dir, .gguf or config.json)")
+        check_shared_a(self.method, self.module_shapes)
         return LoraController(method=self.method, num_rounds=self.num_rounds, method_options=self.method_options,
                               site_configs=declared(configs), module_shapes=self.module_shapes,
                               max_update_norm=self.max_update_norm, **workflow_args)

@@ -24,6 +24,7 @@ from flare_lora.components.adapter_export import save_tensors, write_model
 from flare_lora.components.algorithms.layer_average import average_layers, layer_of
 from flare_lora.components.algorithms.lora_state import InvalidUpdate
 from flare_lora.components.strategies.base import SiteUpdate, Strategy
+from flare_lora.components.strategies.lora import FLoRA
 
 
 def plain_params(params) -> dict[str, Tensor]:
@@ -130,9 +131,9 @@ class PlainFold:
         return self.fold.result()
 
     def payload(self) -> dict[str, Tensor]:
-        """The global as the sites' install takes it (FLoRA: one stacked round)."""
+        """The global as the sites' install takes it (FLoRA, shared-A: one round)."""
         state, _ = self.result()
-        return {f"r0/{k}": v for k, v in state.items()} if self.strategy.name == "flora" else state
+        return self.strategy.payload([state], 0) if isinstance(self.strategy, FLoRA) else state
 
     def save(self, out: str, final: bool, spec: Mapping) -> dict:
         """The intermediate global after every arrival; the loadable model at the end."""

@@ -111,6 +111,13 @@ class SharedA(FLoRA):
         self.key = ""
         self.in_dims: dict[str, int] = {}
 
+    def bind(self, key: str, module_shapes) -> None:
+        """Server: the seeds' key and the job's pinned {prefix: (out, in)} (ValueError without them)."""
+        if not module_shapes:
+            raise ValueError("method 'shared_a': the server draws every site's A itself, so it needs the base "
+                             "model's module shapes (module_shapes; give the job the model or --model-config)")
+        self.key, self.in_dims = key, {prefix: shape[1] for prefix, shape in module_shapes.items()}
+
     def round_seed(self, rnd: int) -> int:
         return init_seed(self.key, rnd)
 
@@ -131,8 +138,8 @@ class SharedA(FLoRA):
         """B_g completed with round ``rnd``'s shared A at its rank, for the site's own modules' in-features."""
         return with_shared_a(state, self.round_seed(rnd), lora_in_dims(peft_model))
 
-    def fold(self):
-        raise ValueError("method 'shared_a': no one-shot fold (one-shot methods: flora, fedit, full)")
+    def fold(self) -> SharedAFold:
+        return SharedAFold(self)
 
 
 class _Averaging:
@@ -273,6 +280,28 @@ class StackFold:
 
     def result(self) -> tuple[dict[str, Tensor], float]:
         return self._stack.result(), 1.0
+
+
+class SharedAFold:
+    """One-shot shared-A: the updates folded so far (with the A the server drew), summed as a round
+    (any ranks; the global is recomputed from them, exact whatever the arrival order)."""
+
+    def __init__(self, strategy: SharedA):
+        self.strategy = strategy
+        self._updates: list[SiteUpdate] = []
+
+    @property
+    def sites(self) -> list[str]:
+        return [u.site for u in self._updates]
+
+    def add(self, update: SiteUpdate) -> None:
+        if update.site in self.sites:
+            raise InvalidUpdate(f"{update.site!r} already contributed")
+        self.strategy.aggregate([*self._updates, update])  # raises on an update that does not sum, before it is kept
+        self._updates.append(update)
+
+    def result(self) -> tuple[dict[str, Tensor], float]:
+        return (self.strategy.aggregate(self._updates) if self._updates else {}), 1.0
 
 
 class AverageFold:

@@ -18,7 +18,7 @@ REGISTRY: dict[str, tuple[type, type | None]] = {
     "full": (FullParameters, None),
 }
 METHODS = ("flora", "shared_a", "fedit", "zero_pad", "fedcdd")  # LoRA methods of the multi-round job
-ONE_SHOT_METHODS = ("flora", "fedit", "full")  # those with an arrival-order fold
+ONE_SHOT_METHODS = ("flora", "shared_a", "fedit", "full")  # those with an arrival-order fold
 
 
 def get_method(name: str, **options) -> Strategy:
