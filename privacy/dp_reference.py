@@ -11,7 +11,7 @@ writes may move it: the filter derives it from what the server sent and from a s
   task; flare-lora's client script draws its fresh adapters from it (lora_init.py).
 - ``derive_reference``: per result entry, by the method the task names (the server's word is
   data-independent, which is all DP needs): FLoRA: the fresh adapter; FedIT: the received global;
-  zero-pad / FedCDD: the site's slice A_g[:r], B_g[:, :r]/s; selective layers and full weights: the
+  zero-pad / hlora / FedCDD: the site's slice A_g[:r], B_g[:, :r]/s; selective layers and full weights: the
   received values (LoRA layers never sent: the fresh adapter); any other job: the received global.
 
 Pure torch; the FLARE filter is privacy/flare/client_dp_filter.py.
@@ -27,7 +27,7 @@ from flare_lora.components.algorithms.lora_init import fresh_factor
 from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX
 
 INIT_SEED_KEY = "client_dp_init_seed"  # task meta entry the filter adds; the client script reads it
-SLICING_METHODS = ("zero_pad", "fedcdd")  # a site of rank r installs A_g[:r], B_g[:, :r] / s
+SLICING_METHODS = ("zero_pad", "hlora", "fedcdd")  # a site of rank r installs A_g[:r], B_g[:, :r] / s
 FRESH_METHODS = ("flora", "shared_a")  # a fresh adapter every round; the received rounds are merged into the base
 
 

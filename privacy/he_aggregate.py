@@ -34,7 +34,8 @@ VALUE_BOUND = 16.0  # |value| a site may encrypt (LoRA factors, small models' we
 
 def check_he_method(method: str) -> None:
     if method not in HE_METHODS:
-        why = " (its aggregation needs norms, similarities and an SVD: nonlinear)" if method == "fedcdd" else ""
+        why = {"fedcdd": " (its aggregation needs norms, similarities and an SVD: nonlinear)",
+               "hlora": " (its aggregation is an SVD: nonlinear)"}.get(method, "")
         raise ValueError(f"he: method {method!r} cannot aggregate ciphertexts{why}; expected one of {list(HE_METHODS)}")
 
 

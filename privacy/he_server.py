@@ -125,7 +125,7 @@ class EncryptedRounds(_Encrypted):
 
     def plan(self, ranks: Sequence[int], final: Mapping | None = None) -> dict:
         self.pad_rank = max(ranks) if self.pad and ranks else None
-        shared_a = {"key": self.strategy.key, "in_dims": dict(self.strategy.in_dims)} \
+        shared_a = {"key": self.strategy.key, "shapes": {p: list(v) for p, v in self.strategy.shapes.items()}} \
             if final and self.strategy.shared_a else None
         return self._plan("lora", {**final, "scaling": self.scaling} if final else None, self.pad_rank,
                           scale_b=self.strategy.name in ("zero_pad", "shared_a"), shared_a=shared_a)

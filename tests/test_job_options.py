@@ -41,6 +41,8 @@ REFUSED = {  # (job, option) -> why that job refuses it
     **{("flora", f"--fedcdd-{key}"): "FedCDD's own options need --method fedcdd"
        for key in FEDCDD_KEYS},
     ("fedcdd", "--he"): "FedCDD's aggregation is nonlinear: ciphertexts cannot be aggregated by it",
+    ("fedcdd", "--global-rank"): "the global's rank is an option of flora (bounded global) and hlora",
+    ("fedcdd", "--global-energy"): "a bounded global is an option of flora",
     ("one-shot", "--checkpoint-dir"): "one round: no round to checkpoint or resume after",
     ("one-shot", "--task-timeout"): "--deadline, --late-grace and --timeout end the one round",
     ("selective", "--max-update-norm"): "results are whole layers, not LoRA factors of the target modules",
@@ -79,6 +81,7 @@ def values(data: Path, site_config: Path, other_model: Path) -> dict[str, tuple[
         "--checkpoint-dir": ([], ["--checkpoint-dir", "ckpt"]), "--max-result-mb": ([], ["--max-result-mb", "1.5"]),
         "--task-timeout": ([], ["--task-timeout", "60"]), "--ddp": ([], ["--ddp", "2"]),
         "--name": ([], ["--name", "renamed"]), "--fedcdd-temperature": ([], ["--fedcdd-temperature", "0.5"]),
+        "--global-rank": ([], ["--global-rank", "4"]), "--global-energy": ([], ["--global-energy", "0.9"]),
         "--mask-rho": ([], mask), "--mask-sigma": (mask, ["--mask-sigma", "0.01"]),
         "--mask-mode": (mask, ["--mask-mode", "perturb"]), "--mask-importance": (mask, ["--mask-importance", "column"]),
         "--min-sites": ([], ["--min-sites", "1"]), "--deadline": ([], ["--deadline", "600"]),

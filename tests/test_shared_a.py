@@ -14,7 +14,7 @@ from flare_lora.components.algorithms.merge import weights_digest
 from flare_lora.components.algorithms.shared_a import b_only, shared_a_sum, with_shared_a
 from flare_lora.components.strategies import SiteUpdate, check_update, get_method, unpack_rounds
 from flare_lora.components.training.config import SiteConfig
-from flare_lora.components.training.lora import add_lora, base_weights, freeze_lora_a, lora_in_dims, lora_state
+from flare_lora.components.training.lora import add_lora, base_weights, freeze_lora_a, linear_shapes, lora_state
 from flare_lora.components.training.models import load_model_and_tokenizer
 from flare_lora.privacy.dp_reference import derive_reference, expected_layout
 from flare_lora.privacy.he_aggregate import EncryptedGlobal, decrypt_payload, payload_model
@@ -33,9 +33,9 @@ def b_state(rank, seed, modules=(Q, V), out=48):
 
 
 def test_weighted_sum_of_padded_bs_is_exact_for_mixed_ranks():
-    in_dims = {Q: 32, V: 32}
+    shapes = {Q: (48, 32), V: (48, 32)}
     ranks, n, alphas = [2, 4, 8], [10, 30, 60], [4.0, 16.0, 8.0]
-    states = [with_shared_a(b_state(r, k, modules=(Q,) if k == 0 else (Q, V)), 123, in_dims)
+    states = [with_shared_a(b_state(r, k, modules=(Q,) if k == 0 else (Q, V)), 123, shapes, r)
               for k, r in enumerate(ranks)]
     scalings = [a / r for a, r in zip(alphas, ranks)]
     glob_ = shared_a_sum(states, n, scalings)
@@ -52,14 +52,22 @@ def test_weighted_sum_of_padded_bs_is_exact_for_mixed_ranks():
 
 
 def test_server_draws_the_a_itself_and_refuses_anything_else():
+    shapes = {Q: (48, 32)}
     with pytest.raises(InvalidUpdate, match="send only their B"):
-        with_shared_a({Q + A: torch.zeros(2, 32)}, 1, {Q: 32})
+        with_shared_a({Q + A: torch.zeros(2, 32)}, 1, shapes)
     with pytest.raises(InvalidUpdate, match="not one the job adapts"):
-        with_shared_a(b_state(2, 0, modules=(V,)), 1, {Q: 32})
-    forged = with_shared_a(b_state(2, 0, modules=(Q,)), 1, {Q: 32})
+        with_shared_a(b_state(2, 0, modules=(V,)), 1, shapes)
+    # the width of B sets the size of the A drawn for it: checked first, against the declared rank
+    with pytest.raises(InvalidUpdate, match=r"expected shape \(48, 2\), got \(0, 10000000\)"):
+        with_shared_a({Q + B: torch.zeros(0, 10**7)}, 1, shapes, rank=2)
+    with pytest.raises(InvalidUpdate, match=r"expected shape \(48, 2\), got \(48, 4\)"):
+        with_shared_a(b_state(4, 0, modules=(Q,)), 1, shapes, rank=2)
+    with pytest.raises(InvalidUpdate, match=r"1 <= r <= 32"):  # a site's check of a global: at most min(out, in)
+        with_shared_a(b_state(33, 0, modules=(Q,)), 1, shapes)
+    forged = with_shared_a(b_state(2, 0, modules=(Q,)), 1, shapes, 2)
     forged[Q + A] = forged[Q + A] + 1.0  # an A that is not the round's draw
     with pytest.raises(ValueError, match="not a prefix"):
-        shared_a_sum([forged, with_shared_a(b_state(4, 1, modules=(Q,)), 1, {Q: 32})], [1, 1], [1.0, 1.0])
+        shared_a_sum([forged, with_shared_a(b_state(4, 1, modules=(Q,)), 1, shapes, 4)], [1, 1], [1.0, 1.0])
 
 
 def test_client_dp_reference_is_b_only_and_zero():
@@ -87,10 +95,9 @@ def train_b(peft, seed):
 
 def test_protocol_on_peft_sites_keeps_them_identical_and_exact(tiny_model_dir):
     server = get_method("shared_a")
-    server.key = "job-1"
     ranks = [2, 4, 8]
     sites = [site(tiny_model_dir, r) for r in ranks]
-    server.in_dims = lora_in_dims(sites[0])
+    server.bind("job-1", linear_shapes(sites[0], {k.rsplit(".lora_", 1)[0] for k in lora_state(sites[0])}))
     before = {k: v.clone() for k, v in base_weights(sites[0]).items()}
     clients = [get_method("shared_a") for _ in sites]
     rounds, expected, merged = [], {k: v.double() for k, v in before.items()}, [0, 0, 0]
@@ -103,7 +110,7 @@ def test_protocol_on_peft_sites_keeps_them_identical_and_exact(tiny_model_dir):
             full = train_b(peft, 10 * rnd + k)
             upload = b_only(full)
             assert all(k.endswith(B) for k in upload)
-            state = server.expand(upload, rnd)
+            state = server.expand(upload, rnd, ranks[k])
             assert all(torch.equal(state[key], full[key]) for key in full)  # the server's A is the site's
             update = SiteUpdate(f"site-{k}", state, 10 * (k + 1), ranks[k], 2.0 * ranks[k])
             check_update(update)
@@ -131,6 +138,25 @@ def test_protocol_on_peft_sites_keeps_them_identical_and_exact(tiny_model_dir):
     assert scaling == 1.0 and {t.shape[0] for k, t in adapter.items() if k.endswith(A)} == {16}
 
 
+def test_a_site_merges_modules_only_other_sites_adapt(tiny_model_dir):
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    narrow = add_lora(model, SiteConfig(rank=2, alpha=4.0, target_modules=("q_proj",)))
+    wide = site(tiny_model_dir, 4)
+    server, clients = get_method("shared_a"), [get_method("shared_a"), get_method("shared_a")]
+    server.bind("job-m", linear_shapes(wide, {k.rsplit(".lora_", 1)[0] for k in lora_state(wide)}))
+    updates = []
+    for k, (peft, method, r) in enumerate(zip((narrow, wide), clients, (2, 4))):
+        method.key = server.key
+        method.install(peft, {}, 0, seed=method.round_seed(0))
+        state = server.expand(b_only(train_b(peft, k)), 0, r)
+        updates.append(SiteUpdate(f"site-{k}", state, 5, r, 2.0 * r))
+    rounds = [server.aggregate(updates)]
+    assert any(".v_proj." in key for key in rounds[0])
+    for peft, method in zip((narrow, wide), clients):
+        assert method.install(peft, server.payload(rounds, 0), 0, seed=method.round_seed(1)) == 1
+    assert weights_digest(base_weights(narrow)) == weights_digest(base_weights(wide))
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     folder = provision_sim_contexts(str(tmp_path_factory.mktemp("he")))
@@ -140,7 +166,7 @@ def keys(tmp_path_factory):
 def test_he_server_and_sites_see_only_the_aggregate(keys, tmp_path):
     server_ckks, site_ckks = keys
     strategy = get_method("shared_a")
-    strategy.key, strategy.in_dims = "job-he", {Q: 32, V: 32}
+    strategy.bind("job-he", {Q: (48, 32), V: (48, 32)})
     he = EncryptedRounds(strategy, server_ckks)
     ranks, n = [2, 4, 8], [100000, 100000, 1]
     plan = he.plan(ranks)
@@ -151,9 +177,9 @@ def test_he_server_and_sites_see_only_the_aggregate(keys, tmp_path):
         wire = encrypt_state(b, site_ckks, plan["grouping"], plan["pad_rank"], plan["bound"], {"B": 2.0})
         assert set(wire["groups"]) == {"B"}
         stubs, encrypted = he.vet({HE_KEY: wire}, r, f"site-{k}")
-        check_update(SiteUpdate(f"site-{k}", strategy.expand(stubs, 0), n[k], r, 2.0 * r))
+        check_update(SiteUpdate(f"site-{k}", strategy.expand(stubs, 0, r), n[k], r, 2.0 * r))
         uploads.append(SiteUpdate(f"site-{k}", encrypted, n[k], r, 2.0 * r))
-        plain.append(SiteUpdate(f"site-{k}", strategy.expand(b, 0), n[k], r, 2.0 * r))
+        plain.append(SiteUpdate(f"site-{k}", strategy.expand(b, 0, r), n[k], r, 2.0 * r))
     rounds = [he.aggregate(uploads)]
     saved = he.save(str(tmp_path), rounds, final=False, spec={})
     wire = load_wire(str(tmp_path / saved["he_persisted"][0]))
@@ -168,7 +194,7 @@ def test_he_server_and_sites_see_only_the_aggregate(keys, tmp_path):
         for u in plain:  # the aggregate, not one site's (padded, scaled) B
             own = torch.nn.functional.pad(u.state[key] * u.scaling, (0, 8 - u.rank))
             assert (value - own).norm() / own.norm() > 1e-2
-    model = payload_model(params, lambda r, s: with_shared_a(s, init_seed("job-he", r), {Q: 32, V: 32}))
+    model = payload_model(params, lambda r, s: with_shared_a(s, init_seed("job-he", r), {Q: (48, 32), V: (48, 32)}))
     for m in (Q, V):
         got_delta, want_delta = model[m + B] @ model[m + A], want[m + B] @ want[m + A]
         assert (got_delta - want_delta).norm() / want_delta.norm() <= 1e-4
@@ -206,9 +232,10 @@ def test_simulator_job_with_dp_sgd_on_b_and_client_dp(tmp_path, tiny_model_dir):
                               "--client-dp-clip", "0.05", "--client-dp-sigma", "2")
     assert not log.get("error") and all(r["aggregated"] == ["site-1", "site-2"] for r in log["rounds"])
     assert len(set(final_digests(log).values())) == 1
-    for record in log["rounds"]:
+    for rnd, record in enumerate(log["rounds"]):
         for entry in record["sites"].values():
             assert entry["metrics"]["dp_epsilon"] > 0 and entry["metrics"]["client_dp_epsilon"] > 0
+            assert entry["merged_rounds"] == rnd  # as the filter counts it: the rounds the site was sent
     adapter = load_file(results / "adapter" / "adapter_model.safetensors")
     ranks = {t.shape[0] for k, t in adapter.items() if k.endswith(A)}
     assert ranks == {4 + 4}  # two rounds, each at the round's largest rank
@@ -218,7 +245,7 @@ def test_simulator_job_with_dp_sgd_on_b_and_client_dp(tmp_path, tiny_model_dir):
 def test_one_shot_fold_is_the_round_sum_in_any_order_and_refuses_a_bad_update():
     strategy = get_method("shared_a")
     strategy.bind("job-1s", {Q: (48, 32), V: (48, 32)})
-    updates = [SiteUpdate(f"site-{k}", strategy.expand(b_state(r, k), 0), 10 * (k + 1), r, 2.0 * r)
+    updates = [SiteUpdate(f"site-{k}", strategy.expand(b_state(r, k), 0, r), 10 * (k + 1), r, 2.0 * r)
                for k, r in enumerate([2, 4, 8])]
     forward, backward = strategy.fold(), strategy.fold()
     for u in updates:

@@ -85,6 +85,41 @@ def float_masters(model) -> dict[str, Tensor]:
     return model.__dict__.setdefault("_flare_lora_float_masters", {})
 
 
+def base_originals(model) -> dict[str, Tensor]:
+    """W0 (float32, CPU) of every weight a bounded global has set, kept on the model object."""
+    return model.__dict__.setdefault("_flare_lora_w0", {})
+
+
+@torch.no_grad()
+def set_global_into(
+    weights: MutableMapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    originals: MutableMapping[str, Tensor],
+) -> None:
+    """In place, W = cast(W0 + B @ A) for every module of the scaling-1 ``state``, and W = W0 for a
+    weight an earlier global set that this one lacks. W0 is kept in ``originals`` (float32, CPU)
+    from the first time a weight is set. The weights then depend on the latest global alone, so
+    sites that installed different sequences of globals hold identical weights. All or nothing,
+    with the checks of :func:`merge_lora_into`."""
+    new = {}
+    for name, delta in lora_delta(state).items():
+        if name not in weights:
+            raise KeyError(f"base weight {name} not found for its LoRA module")
+        w = weights[name]
+        if w.shape != delta.shape:
+            raise ValueError(f"{name}: weight shape {tuple(w.shape)}, LoRA delta {tuple(delta.shape)}")
+        w0 = originals[name] if name in originals else w.detach().to("cpu", torch.float32, copy=True)
+        value = (w0 + delta.cpu()).to(w.dtype)
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}: W0 + B @ A is not finite in {w.dtype}; not setting any weight")
+        new[name] = (w0, value)
+    for name, (w0, value) in new.items():
+        originals.setdefault(name, w0)
+        weights[name].copy_(value)
+    for name in originals.keys() - new.keys():
+        weights[name].copy_(originals[name].to(weights[name].dtype))
+
+
 def merge_rounds_into(
     weights: MutableMapping[str, Tensor],
     rounds: Sequence[Mapping[str, Tensor]],

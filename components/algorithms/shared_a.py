@@ -27,21 +27,31 @@ def b_only(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if k.endswith(LORA_B_SUFFIX)}
 
 
-def with_shared_a(b_state: Mapping[str, Tensor], seed: int, in_dims: Mapping[str, int]) -> dict[str, Tensor]:
+def with_shared_a(b_state: Mapping[str, Tensor], seed: int, shapes: Mapping[str, tuple[int, int]],
+                  rank: int | None = None) -> dict[str, Tensor]:
     """A B-only state completed with the round's shared A at each B's rank (a full LoRA state).
 
-    ``in_dims``: {module prefix: in features}; a module missing from it, or a key that is not a B,
-    raises InvalidUpdate naming it (a site cannot make the server draw an A for a module it chose)."""
-    out = {}
+    ``shapes``: {module prefix: (out, in)} of the modules A may be drawn for. Every B is checked
+    before any A is drawn (InvalidUpdate naming it): a B key of one of those modules, out rows, and
+    ``rank`` columns when given (a site's declared rank), else at most min(out, in): what a B sets
+    is the size of the A drawn for it, so an unchecked width would let a sender choose the memory."""
     for key, b in b_state.items():
         if not key.endswith(LORA_B_SUFFIX):
             raise InvalidUpdate(f"{key}: shared-A sites send only their B factors ({LORA_B_SUFFIX})")
         prefix = key[: -len(LORA_B_SUFFIX)]
-        if prefix not in in_dims:
+        if prefix not in shapes:
             raise InvalidUpdate(f"{key}: module {prefix!r} is not one the job adapts")
-        if b.dim() != 2:
-            raise InvalidUpdate(f"{key}: expected a 2-D tensor, got shape {tuple(b.shape)}")
-        out[prefix + LORA_A_SUFFIX] = fresh_lora_a(seed, prefix, (b.shape[1], int(in_dims[prefix])))
+        out, in_dim = shapes[prefix]
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+            raise InvalidUpdate(f"declared rank must be a positive int, got {rank!r}")
+        width = (rank, rank) if rank is not None else (1, min(out, in_dim))
+        if b.dim() != 2 or b.shape[0] != out or not width[0] <= b.shape[1] <= width[1]:
+            want = f"({out}, {rank})" if rank is not None else f"({out}, r) with 1 <= r <= {min(out, in_dim)}"
+            raise InvalidUpdate(f"{key}: expected shape {want}, got {tuple(b.shape)}")
+    out = {}
+    for key, b in b_state.items():
+        prefix = key[: -len(LORA_B_SUFFIX)]
+        out[prefix + LORA_A_SUFFIX] = fresh_lora_a(seed, prefix, (b.shape[1], int(shapes[prefix][1])))
         out[key] = b
     return out
 

@@ -1,4 +1,5 @@
-"""The multi-round LoRA job (LoraRecipe): FLoRA stacking, FedIT, zero-padding or FedCDD.
+"""The multi-round LoRA job (LoraRecipe): FLoRA stacking (exact or bounded), nested shared-A, FedIT,
+zero-padding, hlora or FedCDD.
 
     flare-lora run flora                                  # 3 sites, ranks 4/8/16, FLoRA, simulator
     flare-lora run flora --method fedit --ranks 8,8,8     # FedIT baseline
@@ -19,6 +20,7 @@ from flare_lora.components.cli.runner import Job
 
 DEMO_RANKS = ("4,8,16", "8,8,8")  # without --sites / --ranks; FedCDD (factors) needs equal ranks
 FEDCDD_KEYS = ("variant", "temperature", "weighting", "similarity", "axis", "target", "shrink")
+GLOBAL_RANK_METHODS = {"rank": ("flora", "hlora"), "energy": ("flora",)}  # --global-* -> the methods taking it
 MASK_KEYS = ("sigma", "mode", "importance")  # besides rho, which switches the mask on
 
 
@@ -35,7 +37,14 @@ def parser(prog: str | None = None, **defaults) -> argparse.ArgumentParser:
 
 
 def add_fedcdd_args(p: argparse.ArgumentParser) -> None:
-    """FedCDD server options and the site-side noise mask (docs/fedcdd.md); all default to off/unset."""
+    """The global's rank (bounded FLoRA, hlora), FedCDD server options and the site-side noise mask
+    (docs/fedcdd.md); all default to off/unset."""
+    g = p.add_argument_group("global rank (--method flora: a bounded global; --method hlora: its rank)")
+    g.add_argument("--global-rank", type=int, default=None,
+                   help="flora: re-project the global to this rank every round (default: exact, unbounded); "
+                        "hlora: the global rank (default: the largest site rank)")
+    g.add_argument("--global-energy", type=float, default=None,
+                   help="flora: keep the smallest rank holding this share of the global's energy, in (0, 1]")
     g = p.add_argument_group("fedcdd (method options, --method fedcdd only)")
     g.add_argument("--fedcdd-variant", choices=["full", "consensus", "divergence"], default=None,
                    help="ablation: full (default), consensus magnitude only, divergence direction only")
@@ -63,6 +72,12 @@ def fedcdd_kwargs(args) -> dict:
     options = {key: getattr(args, "fedcdd_" + key) for key in FEDCDD_KEYS if getattr(args, "fedcdd_" + key) is not None}
     if options and args.method != "fedcdd":
         raise ValueError(f"--fedcdd-{next(iter(options))}: only valid with --method fedcdd, got --method {args.method}")
+    bound = {key: getattr(args, "global_" + key) for key in ("rank", "energy") if getattr(args, "global_" + key) is not None}
+    for key in bound:
+        if args.method not in GLOBAL_RANK_METHODS[key]:
+            raise ValueError(f"--global-{key}: only valid with --method {' or '.join(GLOBAL_RANK_METHODS[key])}, "
+                             f"got --method {args.method}")
+    options.update(bound)
     kwargs = {"method_options": options or None}
     mask = {key: getattr(args, "mask_" + key) for key in MASK_KEYS if getattr(args, "mask_" + key) is not None}
     if args.mask_rho is None:

@@ -1,4 +1,4 @@
-"""Server workflow for federated LoRA rounds (flora, shared_a, fedit, zero_pad, fedcdd).
+"""Server workflow for federated LoRA rounds (flora, shared_a, fedit, zero_pad, hlora, fedcdd).
 
 The workflow core (workflow.py) samples, sends, waits, vets and writes; this controller adds the
 rounds: it ships each site exactly the global state it lacks (grouped by how many rounds the site
@@ -40,12 +40,14 @@ class LoraController(FederatedWorkflow):
         **kwargs,
     ):
         """Args:
-        method: "flora" (exact stacking), "shared_a" (nested shared-A), "fedit", "zero_pad" or "fedcdd".
+        method: "flora" (exact stacking; bounded with method_options rank/energy), "shared_a" (nested
+            shared-A), "fedit", "zero_pad", "hlora" (NVFlare's fixed-rank SVD baseline) or "fedcdd".
         num_rounds: training rounds; a final "validate" task evaluates the last global model.
         site_configs: {site: {"rank": r, "alpha": a, "target_modules": [...]}} as the job declared
             them; a site's result is vetted against its declared rank and modules and weighted by
             its declared alpha.
-        method_options: the method's typed options, e.g. {"variant": "consensus"} for fedcdd.
+        method_options: the method's typed options, e.g. {"variant": "consensus"} for fedcdd, {"rank": 32}
+            for flora (bounded global) and hlora (global rank).
         module_shapes: [[PEFT module prefix, out, in], ...]: every module the job's sites may adapt,
             from the base model (module_shapes.py); None: a site's modules must be its
             target_modules, with the shapes first accepted in the job.
@@ -62,6 +64,8 @@ class LoraController(FederatedWorkflow):
             get_method(method).bind("", pinned_shapes(module_shapes))  # fails without the module shapes
         if self.he:
             check_he_method(method)
+            if method_options and method == "flora":
+                raise ValueError("he: a bounded FLoRA global is re-projected by an SVD, which ciphertexts do not allow")
         check_limits(self.max_examples, max_update_norm)
         keep_args(self, locals())
         self.site_configs = site_configs or {}
@@ -94,6 +98,7 @@ class LoraController(FederatedWorkflow):
                 self.strategy.scaling = saved.extra["scaling"]
             if saved.extra.get("shared_a_key"):
                 self.strategy.key = saved.extra["shared_a_key"]
+            self.strategy.commit(self.rounds)
         for rnd in range(len(self.rounds), self.num_rounds):
             sites = self.sample(rnd)
             results, record = self.run_task("train", sites, rnd)
@@ -107,6 +112,11 @@ class LoraController(FederatedWorkflow):
             state, updates = self.aggregate(rnd, updates, record)
             self.rounds.append(state)
             record["aggregated"] = [u.site for u in updates]
+            bounded = self.strategy.commit(self.rounds)
+            if bounded:
+                record["bounded"] = bounded
+                self.info(f"round {rnd}: bounded global at rank {bounded['rank']}, truncation error "
+                          f"{bounded['relative']:.3g} of its norm (worst module {bounded['max_relative']:.3g})")
             self.log["rounds"].append(record)
             self.info(f"round {rnd}: aggregated {len(updates)} site(s) with {self.method}")
             self.save_checkpoint(checkpoint, self.rounds, {"scaling": getattr(self.strategy, "scaling", None),
@@ -175,7 +185,7 @@ class LoraController(FederatedWorkflow):
         rank = declared.get("rank", meta.get("rank"))
         checked, state = self.aggregator.vet(result.params, rank, site, accepted)
         if self.strategy.shared_a:
-            checked = self.strategy.expand(checked, rnd)
+            checked = self.strategy.expand(checked, rnd, rank)
             state = state if self.aggregator.encrypted else checked
         update = SiteUpdate(site=site, state=checked, num_examples=meta.get("num_examples", 0), rank=rank,
                             alpha=declared.get("alpha", meta.get("alpha", 0.0)))

@@ -190,7 +190,7 @@ class OneShotController(FederatedWorkflow):
         rank = declared.get("rank", meta.get("rank"))
         checked, state = self.aggregator.vet(result.params, rank, site)
         if self.strategy.shared_a:  # its B's with the A the server draws itself
-            checked = state = self.strategy.expand(checked, 0)
+            checked = state = self.strategy.expand(checked, 0, rank)
         update = SiteUpdate(site=site, state=checked, num_examples=meta.get("num_examples", 0), rank=rank or 1,
                             alpha=declared.get("alpha", meta.get("alpha", 0.0 if self.strategy.lora else 1.0)))
         if self.strategy.lora:

@@ -1,4 +1,4 @@
-"""``LoraRecipe``: the FLARE Recipe of the multi-round LoRA job (flora, shared_a, fedit, zero_pad, fedcdd).
+"""``LoraRecipe``: the FLARE Recipe of the multi-round LoRA job (flora, shared_a, fedit, zero_pad, hlora, fedcdd).
 
 The shared recipe core (recipe_base.py) validates and wires the sites; this adds the method's
 own checks, the LoraController and the optional site-side noise mask.
@@ -40,8 +40,10 @@ class LoraRecipe(SiteRecipe):
         **common,
     ):
         """Args: those of SiteRecipe (sites, num_rounds, min_clients, model, data, he, client_dp, ...), and
-        method: "flora" (exact stacking, default), "shared_a" (nested shared-A), "fedit", "zero_pad" or "fedcdd".
-        method_options: the method's typed options, e.g. for fedcdd
+        method: "flora" (exact stacking, default), "shared_a" (nested shared-A), "fedit", "zero_pad",
+            "hlora" (NVFlare's fixed-rank SVD baseline) or "fedcdd".
+        method_options: the method's typed options: for flora {"rank": k} or {"energy": e} (a bounded
+            global), for hlora {"rank": R}, for fedcdd e.g.
             {"variant": "consensus", "temperature": 0.1, "target": "delta"} (docs/fedcdd.md).
         mask_rho: if set, every site masks its update before upload (noise_mask.py): keeps the
             top mask_rho fraction of each tensor's entries, mask_mode "replace" or "perturb" the
@@ -51,6 +53,9 @@ class LoraRecipe(SiteRecipe):
             get_method(method, **dict(method_options or {}))
             if common.get("he"):
                 check_he_method(method)
+                if method == "flora" and method_options:
+                    raise ValueError("--he: a bounded FLoRA global is re-projected by an SVD, which ciphertexts do "
+                                     "not allow; use the exact global, or --method shared_a")
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if mask_rho is not None:

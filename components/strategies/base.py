@@ -63,6 +63,9 @@ class Strategy(Protocol):
     def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
         """The round's global from its vetted updates."""
 
+    def commit(self, rounds: Sequence[Mapping[str, Tensor]]) -> dict | None:
+        """After the server stored a round (multi-round job): a report for its record, or None."""
+
     def payload(self, rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
         """What a site that installed ``merged_rounds`` rounds is sent."""
 
@@ -81,13 +84,13 @@ def pack_rounds(rounds: Mapping[int, Mapping[str, Tensor]]) -> dict[str, Tensor]
     return {f"r{r}/{k}": v for r, state in rounds.items() for k, v in state.items()}
 
 
-def unpack_rounds(params: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
-    """Inverse of pack_rounds, ordered by round."""
+def unpack_rounds(params: Mapping[str, Tensor], tag: str = "r") -> dict[int, dict[str, Tensor]]:
+    """Inverse of pack_rounds, ordered by round (``tag`` "g": a bounded FLoRA global's keys)."""
     rounds: dict[int, dict[str, Tensor]] = {}
     for key, value in params.items():
         head, sep, rest = key.partition("/")
-        if not sep or not head.startswith("r") or not head[1:].isdigit():
-            raise InvalidUpdate(f"global payload key {key!r}: expected 'r<round>/<lora key>'")
+        if not sep or not head.startswith(tag) or not head[1:].isdigit():
+            raise InvalidUpdate(f"global payload key {key!r}: expected '{tag}<round>/<lora key>'")
         rounds.setdefault(int(head[1:]), {})[rest] = value
     return dict(sorted(rounds.items()))
 

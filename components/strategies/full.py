@@ -29,6 +29,10 @@ class FullParameters:
         return fold.result()[0]
 
     @staticmethod
+    def commit(rounds: Sequence[Mapping[str, Tensor]]) -> None:
+        """Nothing to do after a round is stored."""
+
+    @staticmethod
     def payload(rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
         return dict(rounds[-1]) if rounds else {}
 

@@ -1,4 +1,5 @@
-"""The LoRA strategies: FLoRA stacking, nested shared-A, FedIT, zero-padding (HetLoRA) and FedCDD.
+"""The LoRA strategies: FLoRA stacking (exact or bounded), nested shared-A, FedIT, zero-padding
+(HetLoRA), NVIDIA FLARE's hlora and FedCDD.
 
 Wire format of a global payload (``FLModel.params``): a flat dict of tensors. FLoRA sends every
 stacked round the site has not merged yet, keyed ``"r<round>/<lora key>"`` (shared-A: their B's only); FedIT, zero-pad and
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 from peft import get_peft_model_state_dict
 from torch import Tensor
 
@@ -20,8 +22,9 @@ from flare_lora.components.algorithms.consensus_divergence import (
     fedcdd_aggregate,
 )
 from flare_lora.components.algorithms.lora_init import init_seed
-from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, InvalidUpdate
-from flare_lora.components.algorithms.merge import float_masters, merge_rounds_into
+from flare_lora.components.algorithms.lora_state import LORA_A_SUFFIX, LORA_B_SUFFIX, InvalidUpdate, module_prefixes
+from flare_lora.components.algorithms.low_rank import check_target, project, truncate_lora
+from flare_lora.components.algorithms.merge import base_originals, float_masters, merge_rounds_into, set_global_into
 from flare_lora.components.algorithms.one_shot import OnlineAverage, OnlineStack
 from flare_lora.components.algorithms.shared_a import b_only, shared_a_sum, with_shared_a
 from flare_lora.components.algorithms.stacking import concat_lora, stack_lora
@@ -30,18 +33,42 @@ from flare_lora.components.training.lora import (
     base_weights,
     check_linear_modules,
     load_lora_state,
-    lora_in_dims,
+    linear_shapes,
     reset_lora,
 )
 
 
+@dataclass(frozen=True)
+class FLoRAOptions:
+    """The bounded global (both None: exact, the default): after every round the server re-projects
+    G_t = G_{t-1} + S_t (S_t the round's stack) to ``rank``, or to the smallest rank keeping a share
+    ``energy`` of its Σσ² (algorithms/low_rank.py); sites hold W0 + G_t, and the catch-up payload
+    and the exported adapter are G_t."""
+
+    rank: int | None = None
+    energy: float | None = None
+
+    def __post_init__(self):
+        if self.rank is not None or self.energy is not None:
+            check_target(self.rank, self.energy)
+
+    @property
+    def bounded(self) -> bool:
+        return self.rank is not None or self.energy is not None
+
+
 class FLoRA:
-    """Exact stacking: the server keeps every round's stacked factors; sites merge them into W."""
+    """Exact stacking: the server keeps every round's stacked factors; sites merge them into W.
+    With a bounded global (FLoRAOptions) the server sends G_t instead (keys ``g<t>/``)."""
 
     name = "flora"
     lora = True
     site_specific_init = True  # each site starts each round from its own random A
     shared_a = False  # True: sites train B only, on the round's shared A
+
+    def __init__(self, options: FLoRAOptions | None = None):
+        self.options = options or FLoRAOptions()
+        self._globals: list[dict[str, Tensor]] = []  # bounded: G_t after round t
 
     def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
         """Stacking takes any mix of ranks and alphas."""
@@ -51,14 +78,29 @@ class FLoRA:
             [u.state for u in updates], [u.num_examples for u in updates], [u.scaling for u in updates]
         )
 
-    @staticmethod
-    def payload(rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
-        """Every stacked round a site that merged ``merged_rounds`` rounds still lacks."""
+    def commit(self, rounds: Sequence[Mapping[str, Tensor]]) -> dict | None:
+        """After the server stored a round: the bounded global of every new round, and the last
+        one's truncation report ({"rank", "error", "relative", "max_relative"}); None when exact."""
+        report = None
+        while self.options.bounded and len(self._globals) < len(rounds):
+            pieces = [p for p in (self._globals[-1] if self._globals else {}, rounds[len(self._globals)]) if p]
+            state, report = truncate_lora(concat_lora(pieces), self.options.rank, self.options.energy) \
+                if pieces else ({}, None)
+            self._globals.append(state)
+        return report
+
+    def payload(self, rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
+        """Every stacked round a site that merged ``merged_rounds`` rounds still lacks (bounded: the
+        latest global G, whatever the site lacks)."""
+        if self.options.bounded:
+            last = len(rounds) - 1
+            return {f"g{last}/{k}": v for k, v in self._globals[last].items()} if merged_rounds <= last else {}
         return pack_rounds({r: rounds[r] for r in range(merged_rounds, len(rounds))})
 
-    @staticmethod
-    def final(rounds: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], float]:
-        """All rounds folded into one adapter, applied with scaling 1."""
+    def final(self, rounds: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], float]:
+        """All rounds folded into one adapter (bounded: G of the last round), applied with scaling 1."""
+        if self.options.bounded:
+            return (dict(self._globals[len(rounds) - 1]) if rounds else {}), 1.0
         done = [r for r in rounds if r]
         return (concat_lora(done) if done else {}), 1.0
 
@@ -67,8 +109,13 @@ class FLoRA:
 
         New rounds must continue at ``merged_rounds``; every site adds the same factors in the same
         order, so all sites end with bit-identical base weights; a bf16/fp16 base is accumulated in
-        float32 (merge.py), so it holds cast(W0 + Σ ΔW). Returns the new merged count.
+        float32 (merge.py), so it holds cast(W0 + Σ ΔW). A bounded global (``g<t>/`` keys) sets
+        W = cast(W0 + G_t) instead. Returns the new merged count.
         """
+        if params and all(k.startswith("g") for k in params):
+            merged_rounds = self._set_global(peft_model, params, merged_rounds)
+            reset_lora(peft_model, seed)
+            return merged_rounds
         # rounds the site already merged (its last report got lost) are skipped, not re-added
         rounds = {r: s for r, s in unpack_rounds(params).items() if r >= merged_rounds}
         expected = list(range(merged_rounds, merged_rounds + len(rounds)))
@@ -81,6 +128,19 @@ class FLoRA:
         merge_rounds_into(base_weights(peft_model), [s for s in rounds.values() if s], float_masters(peft_model))
         reset_lora(peft_model, seed)
         return merged_rounds + len(rounds)
+
+    @staticmethod
+    def _set_global(peft_model, params: Mapping[str, Tensor], merged_rounds: int) -> int:
+        """W = cast(W0 + G_t) from a ``g<t>/`` payload; the new merged count t + 1."""
+        rounds = unpack_rounds(params, tag="g")
+        if len(rounds) != 1:
+            raise InvalidUpdate(f"a bounded global payload holds one round, got rounds {list(rounds)}")
+        (last, state), = rounds.items()
+        if last + 1 <= merged_rounds:
+            return merged_rounds  # installed already (its report got lost)
+        check_linear_modules(peft_model, state)
+        set_global_into(base_weights(peft_model), state, base_originals(peft_model))
+        return last + 1
 
     @staticmethod
     def received_round(peft_model, rnd: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -98,7 +158,7 @@ class SharedA(FLoRA):
     ciphertexts. Rounds are merged into the base as with FLoRA; only B's travel.
 
     ``key`` names the seeds: the server sets it (the id of the job that ran round 0, kept in its
-    checkpoint) and sends it with every task, and a site takes it from there. ``in_dims`` (server: the
+    checkpoint) and sends it with every task, and a site takes it from there. ``shapes`` (server: the
     job's pinned module shapes) lets the server redraw each site's A to vet and export it.
     """
 
@@ -108,22 +168,24 @@ class SharedA(FLoRA):
     TASK_KEY = "shared_a_key"  # task meta entry carrying ``key``
 
     def __init__(self):
+        super().__init__()
         self.key = ""
-        self.in_dims: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
 
     def bind(self, key: str, module_shapes) -> None:
         """Server: the seeds' key and the job's pinned {prefix: (out, in)} (ValueError without them)."""
         if not module_shapes:
             raise ValueError("method 'shared_a': the server draws every site's A itself, so it needs the base "
                              "model's module shapes (module_shapes; give the job the model or --model-config)")
-        self.key, self.in_dims = key, {prefix: shape[1] for prefix, shape in module_shapes.items()}
+        self.key, self.shapes = key, {prefix: tuple(shape) for prefix, shape in module_shapes.items()}
 
     def round_seed(self, rnd: int) -> int:
         return init_seed(self.key, rnd)
 
-    def expand(self, state: Mapping[str, Tensor], rnd: int) -> dict[str, Tensor]:
-        """Server: a site's B-only update of round ``rnd`` with its A (the server's own draw)."""
-        return with_shared_a(state, self.round_seed(rnd), self.in_dims)
+    def expand(self, state: Mapping[str, Tensor], rnd: int, rank) -> dict[str, Tensor]:
+        """Server: a site's B-only update of round ``rnd`` at its declared ``rank`` with its A (the
+        server's own draw)."""
+        return with_shared_a(state, self.round_seed(rnd), self.shapes, rank)
 
     def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
         return shared_a_sum([u.state for u in updates], [u.num_examples for u in updates],
@@ -135,8 +197,9 @@ class SharedA(FLoRA):
         return pack_rounds({r: b_only(rounds[r]) for r in range(merged_rounds, len(rounds))})
 
     def received_round(self, peft_model, rnd: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """B_g completed with round ``rnd``'s shared A at its rank, for the site's own modules' in-features."""
-        return with_shared_a(state, self.round_seed(rnd), lora_in_dims(peft_model))
+        """B_g completed with round ``rnd``'s shared A at its rank, for any linear module of the base model
+        (other sites may adapt modules this one does not)."""
+        return with_shared_a(state, self.round_seed(rnd), linear_shapes(peft_model, [k[: -len(LORA_B_SUFFIX)] for k in state]))
 
     def fold(self) -> SharedAFold:
         return SharedAFold(self)
@@ -152,6 +215,10 @@ class _Averaging:
 
     def check(self, update: SiteUpdate, accepted: Sequence[SiteUpdate]) -> None:
         """Any mix of ranks (the global is applied with scaling 1)."""
+
+    @staticmethod
+    def commit(rounds: Sequence[Mapping[str, Tensor]]) -> None:
+        """Nothing to do after a round is stored."""
 
     @staticmethod
     def payload(rounds: Sequence[Mapping[str, Tensor]], merged_rounds: int) -> dict[str, Tensor]:
@@ -215,6 +282,44 @@ class ZeroPad(_Averaging):
         return zero_pad(
             [u.state for u in updates], [u.num_examples for u in updates], [u.scaling for u in updates]
         )
+
+
+@dataclass(frozen=True)
+class HLoRAOptions:
+    """hlora's global rank (None: each module's largest site rank among the round's updates)."""
+
+    rank: int | None = None
+
+    def __post_init__(self):
+        if self.rank is not None:
+            check_target(self.rank, None)
+
+
+class HLoRA(_Averaging):
+    """NVIDIA FLARE's heterogeneous-rank baseline (examples/advanced/medgemma, HLoRA), rebuilt from its
+    description: the weighted sum of the sites' adapters Σ p_k s_k B_k A_k (a stack, as FLoRA) is
+    projected to a fixed global rank R by QR + SVD of the small core (B_g orthonormal, σ in A_g,
+    zero-padded to R), and a site of rank r keeps the top r components (A_g[:r], B_g[:, :r] / s, as
+    zero-padding installs). Sites keep training the global adapter, as with FedIT. Inexact twice:
+    the rank-R projection drops the tail, a rank-r site the components past r. NVFlare's weighs
+    B_k A_k without s_k (its sites share one α/r); here s_k is included."""
+
+    name = "hlora"
+
+    def __init__(self, options: HLoRAOptions | None = None):
+        self.options = options or HLoRAOptions()
+
+    def aggregate(self, updates: Sequence[SiteUpdate]) -> dict[str, Tensor]:
+        stacked = stack_lora([u.state for u in updates], [u.num_examples for u in updates],
+                             [u.scaling for u in updates])
+        out = {}
+        for prefix in module_prefixes(stacked):
+            a_key, b_key = prefix + LORA_A_SUFFIX, prefix + LORA_B_SUFFIX
+            rank = self.options.rank or max(u.state[a_key].shape[0] for u in updates if a_key in u.state)
+            b, a, _ = project(stacked[b_key], stacked[a_key], rank=rank, split="a")
+            out[a_key] = torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0]))
+            out[b_key] = torch.nn.functional.pad(b, (0, rank - b.shape[1]))
+        return out
 
 
 @dataclass(frozen=True)

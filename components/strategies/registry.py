@@ -6,18 +6,29 @@ import dataclasses
 
 from flare_lora.components.strategies.base import Strategy
 from flare_lora.components.strategies.full import FullParameters
-from flare_lora.components.strategies.lora import FedCDD, FedCDDOptions, FedIT, FLoRA, SharedA, ZeroPad
+from flare_lora.components.strategies.lora import (
+    FedCDD,
+    FedCDDOptions,
+    FedIT,
+    FLoRA,
+    FLoRAOptions,
+    HLoRA,
+    HLoRAOptions,
+    SharedA,
+    ZeroPad,
+)
 
 # name -> (strategy class, its options dataclass or None)
 REGISTRY: dict[str, tuple[type, type | None]] = {
-    "flora": (FLoRA, None),
+    "flora": (FLoRA, FLoRAOptions),
     "shared_a": (SharedA, None),
     "fedit": (FedIT, None),
     "zero_pad": (ZeroPad, None),
+    "hlora": (HLoRA, HLoRAOptions),
     "fedcdd": (FedCDD, FedCDDOptions),
     "full": (FullParameters, None),
 }
-METHODS = ("flora", "shared_a", "fedit", "zero_pad", "fedcdd")  # LoRA methods of the multi-round job
+METHODS = ("flora", "shared_a", "fedit", "zero_pad", "hlora", "fedcdd")  # LoRA methods of the multi-round job
 ONE_SHOT_METHODS = ("flora", "shared_a", "fedit", "full")  # those with an arrival-order fold
 
 

@@ -63,11 +63,6 @@ def reset_lora(peft_model: PeftModel, seed: int, prefixes=None) -> None:
                     nn.init.zeros_(module.lora_B[name].weight)
 
 
-def lora_in_dims(peft_model: PeftModel) -> dict[str, int]:
-    """{module prefix: in features} of the modules the adapter has (prefixes as in its state keys)."""
-    return {prefix: module.in_features for prefix, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
-
-
 def freeze_lora_a(peft_model: PeftModel) -> None:
     """Only the B factors train (shared-A: every site's A is the round's shared draw)."""
     for module in peft_model.modules():
@@ -82,17 +77,29 @@ def lora_state(peft_model: PeftModel) -> dict[str, Tensor]:
     return {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
 
 
+def linear_shapes(peft_model: nn.Module, prefixes) -> dict[str, tuple[int, int]]:
+    """{prefix: (out, in)} of the base model's linear layers named by LoRA module ``prefixes``;
+    InvalidUpdate naming a prefix that is not one."""
+    base = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+    modules = dict(base.named_modules())
+    shapes = {}
+    for prefix in prefixes:
+        module = modules.get(prefix.removeprefix(BASE_PREFIX))
+        layer = getattr(module, "base_layer", module)  # PEFT wraps the linear layers it adapts
+        if not isinstance(layer, nn.Linear):
+            raise InvalidUpdate(f"global module {prefix!r}: not a linear layer of this site's base model; refusing it")
+        shapes[prefix] = (layer.out_features, layer.in_features)
+    return shapes
+
+
 def check_linear_modules(peft_model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """A site's own check before it merges global factors into its base weights: a well-formed,
     finite LoRA state whose every module is a linear layer of the base model with the factors'
     (out, in): a bad global is never merged into embeddings, norms or anything else."""
     validate_lora_update(state)
-    base = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
-    modules = dict(base.named_modules())
+    found = linear_shapes(peft_model, lora_module_shapes(state))
     for prefix, shape in lora_module_shapes(state).items():
-        module = modules.get(prefix.removeprefix(BASE_PREFIX))
-        layer = getattr(module, "base_layer", module)  # PEFT wraps the linear layers it adapts
-        if not isinstance(layer, nn.Linear) or (layer.out_features, layer.in_features) != shape:
+        if found[prefix] != shape:
             raise InvalidUpdate(f"global module {prefix!r}: not a linear layer of this site's base model with "
                                 f"(out, in) = {shape}; refusing to merge it")
 

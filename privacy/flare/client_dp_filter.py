@@ -101,7 +101,8 @@ def _keep_task(shareable: Shareable, fl_ctx: FLContext) -> Shareable:
     plain = {k: t for k, t in tensors.items() if t is not None}
     method = meta.get("method")
     method = "selective" if method is None and "mode" in meta else method
-    rounds = [int(k[1:k.index("/")]) for k in plain if k.startswith("r") and k[1:k.index("/") if "/" in k else 0].isdigit()]
+    # FLoRA's and shared-A's rounds (r<t>/), or a bounded FLoRA global (g<t>/, which holds rounds up to t)
+    rounds = [int(k[1:k.index("/")]) for k in plain if k[:1] in ("r", "g") and k[1:k.index("/") if "/" in k else 0].isdigit()]
     lora = (meta.get("lora") or {}).get(site) if isinstance(meta.get("lora"), dict) else None
     layers = meta.get("layers")
     info = {"method": method if isinstance(method, str) else None, "round": _round(shareable, meta),
@@ -216,7 +217,7 @@ class ClientDPFilter(DXOFilter):
         method = (info or {}).get("method")
         pins = _pinned(key[0], site, dxo.meta, (info or {}).get("lora"))
         facts = {**pins, "layers": (info or {}).get("layers"), "layer_versions": dict(job_state.get("versions", {})),
-                 "merged_rounds": job_state.get("flora_rounds" if method == "flora" else "installs"),
+                 "merged_rounds": job_state.get("flora_rounds" if method in FRESH_METHODS else "installs"),
                  "seconds": round(time.monotonic() - info["since"], 1) if info else None}
         meta, dropped = released_meta(dxo.meta, facts, FLARE_LORA_METRICS if method else None)
         if report is not None:  # only this filter's own report, never one the job wrote

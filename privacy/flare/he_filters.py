@@ -76,14 +76,16 @@ class HEDecryptFilter(_SiteHE):
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         """Every task, params or not: check the server's plan and keep it for the result; then decrypt."""
         ckks, site = self._context(fl_ctx), fl_ctx.get_identity_name()
-        plan = from_shareable(shareable).get_meta_prop(PLAN_KEY)
+        task = from_shareable(shareable)
+        plan = task.get_meta_prop(PLAN_KEY)
         if not isinstance(plan, dict):
             raise HEContextError(f"{site}: HE is on but the task has no HE plan: the server is not aggregating "
                                  f"ciphertexts; refusing to take part")
         if plan.get("context_id") != ckks.context_id:
             raise HEContextError(f"{site}: the server aggregates under another HE context ({plan.get('context_id')!r}, "
                                  f"this site holds {ckks.context_id!r}); refusing to take part")
-        fl_ctx.set_prop(PLAN_PROP, plan, private=True, sticky=False)
+        declared = (task.get_meta_prop("lora") or {}).get(site) if isinstance(task.get_meta_prop("lora"), dict) else None
+        fl_ctx.set_prop(PLAN_PROP, {**plan, "declared": declared}, private=True, sticky=False)
         return super().process(shareable, fl_ctx)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
@@ -107,13 +109,16 @@ class HEDecryptFilter(_SiteHE):
 
 
 def shared_a_rounds(spec):
-    """For the plan's {"key", "in_dims"} (shared-A's final task): complete(round, B-only state), which
+    """For the plan's {"key", "shapes"} (shared-A's final task): complete(round, B-only state), which
     adds the round's A drawn as every site drew it; None for other methods."""
     if spec is None:
         return None
-    if not isinstance(spec, dict) or not isinstance(spec.get("key"), str) or not isinstance(spec.get("in_dims"), dict):
+    shapes = spec.get("shapes") if isinstance(spec, dict) else None
+    if not isinstance(spec.get("key") if isinstance(spec, dict) else None, str) or not isinstance(shapes, dict) or \
+            not all(isinstance(v, list | tuple) and len(v) == 2 for v in shapes.values()):
         raise HEContextError(f"the HE plan's shared_a entry is malformed: {str(spec)[:120]}")
-    return lambda rnd, state: with_shared_a(state, init_seed(spec["key"], rnd), spec["in_dims"])
+    shapes = {p: (int(v[0]), int(v[1])) for p, v in shapes.items()}
+    return lambda rnd, state: with_shared_a(state, init_seed(spec["key"], rnd), shapes)
 
 
 class HEEncryptFilter(_SiteHE):
@@ -129,8 +134,14 @@ class HEEncryptFilter(_SiteHE):
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
                  for k, v in dxo.data.items()}
         factors = None
-        if plan.get("scale_b"):  # zero-padding weights B by s_k: a fraction, so the site applies it
+        if plan.get("scale_b"):  # zero-padding and shared-A weight B by s_k: a fraction, so the site applies it
             rank, alpha = dxo.get_meta_prop("rank"), dxo.get_meta_prop("alpha")
+            declared = plan.get("declared")  # the server's [rank, alpha] for this site: its word, not the job code's
+            if isinstance(declared, list) and len(declared) == 2:
+                if (rank, alpha) != (None, None) and (rank != declared[0] or float(alpha or 0) != float(declared[1])):
+                    raise HEContextError(f"{site}: the result's rank/alpha {rank}/{alpha} differ from the job's "
+                                         f"{declared[0]}/{declared[1]}; not sending")
+                rank, alpha = declared
             if not rank or not alpha:
                 raise HEContextError(f"{site}: the result declares no rank/alpha to scale B by; not sending")
             factors = {"B": float(alpha) / float(rank)}
