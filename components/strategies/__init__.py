@@ -13,7 +13,8 @@ from flare_lora.components.strategies.base import (
     unpack_rounds,
 )
 from flare_lora.components.strategies.full import FullParameters
-from flare_lora.components.strategies.lora import FedCDD, FedCDDOptions, FedIT, FLoRA, SharedA, ZeroPad
+from flare_lora.components.strategies.lora import FedCDD, FedCDDOptions, FedIT, FLoRA, ZeroPad
+from flare_lora.components.strategies.shared_a import SharedA
 from flare_lora.components.strategies.registry import METHODS, ONE_SHOT_METHODS, REGISTRY, get_method
 
 __all__ = [

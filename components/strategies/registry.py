@@ -14,9 +14,9 @@ from flare_lora.components.strategies.lora import (
     FLoRAOptions,
     HLoRA,
     HLoRAOptions,
-    SharedA,
     ZeroPad,
 )
+from flare_lora.components.strategies.shared_a import SharedA
 
 # name -> (strategy class, its options dataclass or None)
 REGISTRY: dict[str, tuple[type, type | None]] = {
