@@ -68,9 +68,10 @@ from flare_lora.components.algorithms.merge import lora_delta, weights_digest
 from flare_lora.components.data.prompts import encode, normalize_answer
 from flare_lora.components.data.split import dirichlet_split
 from flare_lora.components.data.synthetic import default_site_data
-from flare_lora.components.strategies import SiteUpdate, check_update, get_method
+from flare_lora.components.algorithms.shared_a import b_only
+from flare_lora.components.strategies import FLoRA, SiteUpdate, check_update, get_method
 from flare_lora.components.training.config import SiteConfig
-from flare_lora.components.training.lora import add_lora, base_weights, lora_state
+from flare_lora.components.training.lora import add_lora, base_weights, freeze_lora_a, linear_shapes, lora_state
 from flare_lora.components.training.models import load_model_and_tokenizer, make_tiny_llama, resolve_model_dir
 from flare_lora.components.training.trainer import evaluate, set_threads, train_lora
 from flare_lora.privacy.dp_sgd import DPSGD
@@ -156,9 +157,8 @@ def _largest_remainder(counts: Counter, n: int) -> dict[str, int]:
     return out
 
 
-def make_data(mode: str, args, tokenizer, cache: dict, seed: int) -> dict:
+def make_data(mode: str, args, tokenizer, cache: dict, seed: int, n_sites: int = 3) -> dict:
     """{"sites": [train records per site], "test": [...], "site_labels": [Counter per site]}."""
-    n_sites = 3
     if mode == "quick":
         sites = [default_site_data(k, n_train=args.n_train, n_eval=1, seed=seed)[0] for k in range(n_sites)]
         per_site_eval = max(1, args.n_test // n_sites)
@@ -293,31 +293,81 @@ def run_central(args, model_dir, data, seed: int) -> dict:
     return out
 
 
+class HETransport:
+    """The HE path in-process: sites encrypt what they upload as HEEncryptFilter does, the server
+    vets and aggregates ciphertexts (privacy/he_server.py), sites decrypt what they are sent."""
+
+    def __init__(self, method, folder: str):
+        from flare_lora.privacy.he_context import CLIENT_CONTEXT, SERVER_CONTEXT, Ckks, load_context, provision_sim_contexts
+        from flare_lora.privacy.he_server import EncryptedRounds, open_server_context
+
+        provision_sim_contexts(folder)
+        self.site = Ckks(*load_context(os.path.join(folder, CLIENT_CONTEXT), "site"))
+        self.server = EncryptedRounds(method, open_server_context(os.path.join(folder, SERVER_CONTEXT)))
+
+    def payload(self, rounds, merged: int) -> tuple[dict, int]:
+        """(what the site installs, bytes on the wire)."""
+        import msgpack
+
+        from flare_lora.privacy.he_aggregate import decrypt_payload
+        from flare_lora.privacy.he_packing import HE_KEY
+
+        wire = self.server.payload(rounds, merged)[HE_KEY]
+        return decrypt_payload(wire, self.site), len(msgpack.packb(wire, use_bin_type=True))
+
+    def upload(self, state: dict, rank: int, alpha: float, name: str, ranks) -> tuple[object, dict, int]:
+        """(the ciphertext update the server aggregates, zero stubs of its shapes, bytes on the wire)."""
+        import msgpack
+
+        from flare_lora.privacy.he_packing import HE_KEY, encrypt_state
+
+        plan = self.server.plan(list(ranks))
+        wire = encrypt_state(state, self.site, plan["grouping"], plan["pad_rank"], plan["bound"],
+                             {"B": alpha / rank} if plan["scale_b"] else None)
+        stubs, encrypted = self.server.vet({HE_KEY: wire}, rank, name)
+        return encrypted, stubs, len(msgpack.packb(wire, use_bin_type=True))
+
+
 def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tuple[int, ...],
-                  base_digest: str, dp: dict | None = None) -> dict:
+                  base_digest: str, dp: dict | None = None, *, options: dict | None = None, he: bool = False,
+                  scorer=None, device: str = "cpu") -> dict:
     """T rounds of install -> local train -> upload -> aggregate, then every site installs the last
-    aggregate; the global model is evaluated on the largest-rank site (for zero-pad, the only one
-    that holds the full-rank global; for FLoRA and FedIT every site holds the same model).
-    ``dp``: SiteConfig ``dp_*`` keys every site trains with (benchmarks/dp_utility.py)."""
-    method = get_method(method_name)
+    aggregate; the global model is evaluated on the largest-rank site (for zero-pad and hlora the
+    only one that holds the full-rank global; for the FLoRA family and FedIT every site holds the
+    same model). ``dp``: SiteConfig ``dp_*`` keys every site trains with (benchmarks/dp_utility.py);
+    ``options``: the method's options (a bounded FLoRA global, hlora's rank); ``he``: aggregate
+    ciphertexts (HETransport); ``scorer``: the evaluation (default ``eval_global``)."""
+    method = get_method(method_name, **(options or {}))
     sites = []
     for k, rank in enumerate(ranks):
         model, tokenizer = load_model_and_tokenizer(model_dir)
         cfg = dataclasses.replace(site_config(args, rank, seed), **(dp or {}))
         private = DPSGD(cfg, len(data["sites"][k]), site=f"site-{k + 1}", noise_seed=seed) if dp else None
-        sites.append({"name": f"site-{k + 1}", "cfg": cfg, "model": add_lora(model, cfg, f"site-{k + 1}"),
+        peft_model = add_lora(model, cfg, f"site-{k + 1}")
+        if method.shared_a:
+            freeze_lora_a(peft_model)
+        sites.append({"name": f"site-{k + 1}", "cfg": cfg, "model": peft_model.to(device),
                       "train": data["sites"][k], "merged": 0, "dp": private})
-    adapted = None  # initial copies of the adapted base weights, for the FLoRA final() check
-    rounds: list[dict] = []
-    history = []
+    if method.shared_a:  # the server draws A from the job's module shapes, as LoraController binds them
+        prefixes = {key.rsplit(".lora_", 1)[0] for key in lora_state(sites[0]["model"])}
+        method.bind(f"quality-{seed}", linear_shapes(sites[0]["model"], prefixes))
+    transport = HETransport(method, tempfile.mkdtemp(prefix="quality-he-")) if he else None
+    adapted = None  # initial copies of the adapted base weights, for the final() check
+    rounds: list = []
+    history, bounded = [], []
     train_seconds = 0.0
     for rnd in range(args.rounds + 1):  # the extra pass installs the last aggregate, no training
         record = {"round": rnd, "download_bytes": [], "upload_bytes": [], "train_loss": []}
         updates = []
         for k, site in enumerate(sites):
-            params = method.payload(rounds, site["merged"])
-            record["download_bytes"].append(nbytes(params))
+            if transport:
+                params, sent = transport.payload(rounds, site["merged"])
+            else:
+                params = method.payload(rounds, site["merged"])
+                sent = nbytes(params)
+            record["download_bytes"].append(sent)
             seed_r = seed * 1000003 + rnd * 1009 + (k if method.site_specific_init else 0)
+            seed_r = method.round_seed(rnd) if method.shared_a else seed_r
             site["merged"] = method.install(site["model"], params, site["merged"], seed=seed_r)
             if rnd == args.rounds:
                 continue
@@ -327,17 +377,27 @@ def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tup
                                desc=f"{method_name} {site['name']} r={cfg.rank} round {rnd}", dp=site["dp"])
             train_seconds += stats["seconds"]
             state = lora_state(site["model"])
-            update = SiteUpdate(site["name"], state, len(site["train"]), cfg.rank, cfg.alpha)
+            state = b_only(state) if method.shared_a else state
+            if transport:
+                encrypted, checked, up = transport.upload(state, cfg.rank, cfg.alpha, site["name"], ranks)
+            else:
+                encrypted, checked, up = None, state, nbytes(state)
+            checked = method.expand(checked, rnd, cfg.rank) if method.shared_a else checked
+            update = SiteUpdate(site["name"], checked, len(site["train"]), cfg.rank, cfg.alpha)
             check_update(update)
+            update.state = encrypted if transport else checked
             updates.append(update)
-            record["upload_bytes"].append(nbytes(state))
+            record["upload_bytes"].append(up)
             record["train_loss"].append(stats["train_loss"])
         if updates:
-            if adapted is None and method_name == "flora":
+            if adapted is None and isinstance(method, FLoRA) and not transport:
                 names = lora_delta(updates[0].state).keys()
                 weights = base_weights(sites[0]["model"])
                 adapted = {n: weights[n].detach().clone() for n in names}
-            rounds.append(method.aggregate(updates))
+            rounds.append(transport.server.aggregate(updates) if transport else method.aggregate(updates))
+            report = method.commit(rounds)
+            if report:
+                bounded.append(report)
         history.append(record)
         log(f"  round {rnd}: down {record['download_bytes']} B, up {record['upload_bytes']} B, "
             f"train loss {[round(x, 4) for x in record['train_loss']]}")
@@ -345,19 +405,22 @@ def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tup
     digests = [weights_digest(base_weights(site["model"])) for site in sites]
     if len(set(digests)) != 1:
         raise AssertionError(f"sites hold different base weights: {digests}")
-    if method_name == "flora":
-        assert digests[0] != base_digest, "FLoRA merged nothing into the base weights"
-        final_state, scaling = method.final(rounds)
-        weights = base_weights(sites[0]["model"])
-        for name, delta in lora_delta(final_state, scaling).items():
-            torch.testing.assert_close(weights[name] - adapted[name], delta, rtol=1e-4, atol=1e-5)
+    if isinstance(method, FLoRA):
+        assert digests[0] != base_digest, f"{method_name} merged nothing into the base weights"
+        if not transport:  # the sites' change is the model the server exports
+            final_state, scaling = method.final(rounds)
+            weights = base_weights(sites[0]["model"])
+            for name, delta in lora_delta(final_state, scaling).items():
+                torch.testing.assert_close(weights[name].cpu() - adapted[name].cpu(), delta, rtol=1e-4, atol=1e-5)
     else:
         assert digests[0] == base_digest, f"{method_name} changed the base weights"
     best = max(range(len(sites)), key=lambda k: ranks[k])
     t0 = time.perf_counter()
-    out = eval_global(sites[best]["model"], tokenizer, data["test"], sites[best]["cfg"], data["site_labels"])
+    out = (scorer or eval_global)(sites[best]["model"], tokenizer, data["test"], sites[best]["cfg"], data["site_labels"])
     out.update(eval_seconds=time.perf_counter() - t0, train_seconds=train_seconds, rounds=history,
                base_digest=digests[0], steps=len(sites) * args.rounds * args.steps)
+    if bounded:
+        out["bounded"] = bounded
     if dp:
         out["dp"] = [site["dp"].report() for site in sites]
     return out

@@ -62,8 +62,8 @@ def test_server_draws_the_a_itself_and_refuses_anything_else():
         with_shared_a({Q + B: torch.zeros(0, 10**7)}, 1, shapes, rank=2)
     with pytest.raises(InvalidUpdate, match=r"expected shape \(48, 2\), got \(48, 4\)"):
         with_shared_a(b_state(4, 0, modules=(Q,)), 1, shapes, rank=2)
-    with pytest.raises(InvalidUpdate, match=r"1 <= r <= 32"):  # a site's check of a global: at most min(out, in)
-        with_shared_a(b_state(33, 0, modules=(Q,)), 1, shapes)
+    with pytest.raises(InvalidUpdate, match=r"expected shape \(48, r\) with r >= 1, got \(47, 2\)"):
+        with_shared_a({Q + B: torch.zeros(47, 2)}, 1, shapes)  # a site's check of a global: out rows
     forged = with_shared_a(b_state(2, 0, modules=(Q,)), 1, shapes, 2)
     forged[Q + A] = forged[Q + A] + 1.0  # an A that is not the round's draw
     with pytest.raises(ValueError, match="not a prefix"):

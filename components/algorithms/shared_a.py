@@ -32,21 +32,21 @@ def with_shared_a(b_state: Mapping[str, Tensor], seed: int, shapes: Mapping[str,
     """A B-only state completed with the round's shared A at each B's rank (a full LoRA state).
 
     ``shapes``: {module prefix: (out, in)} of the modules A may be drawn for. Every B is checked
-    before any A is drawn (InvalidUpdate naming it): a B key of one of those modules, out rows, and
-    ``rank`` columns when given (a site's declared rank), else at most min(out, in): what a B sets
-    is the size of the A drawn for it, so an unchecked width would let a sender choose the memory."""
+    before any A is drawn (InvalidUpdate naming it): a B key of one of those modules, with out rows
+    and ``rank`` columns when given (the server, with a site's declared rank), else at least one.
+    A B's width sets the size of the A drawn for it: with out rows checked, that A is never more
+    than in/out times what the sender actually sent (a (0, 10^7) B cannot ask for a huge A)."""
     for key, b in b_state.items():
         if not key.endswith(LORA_B_SUFFIX):
             raise InvalidUpdate(f"{key}: shared-A sites send only their B factors ({LORA_B_SUFFIX})")
         prefix = key[: -len(LORA_B_SUFFIX)]
         if prefix not in shapes:
             raise InvalidUpdate(f"{key}: module {prefix!r} is not one the job adapts")
-        out, in_dim = shapes[prefix]
+        out = shapes[prefix][0]
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
             raise InvalidUpdate(f"declared rank must be a positive int, got {rank!r}")
-        width = (rank, rank) if rank is not None else (1, min(out, in_dim))
-        if b.dim() != 2 or b.shape[0] != out or not width[0] <= b.shape[1] <= width[1]:
-            want = f"({out}, {rank})" if rank is not None else f"({out}, r) with 1 <= r <= {min(out, in_dim)}"
+        if b.dim() != 2 or b.shape[0] != out or (b.shape[1] != rank if rank is not None else b.shape[1] < 1):
+            want = f"({out}, {rank})" if rank is not None else f"({out}, r) with r >= 1"
             raise InvalidUpdate(f"{key}: expected shape {want}, got {tuple(b.shape)}")
     out = {}
     for key, b in b_state.items():

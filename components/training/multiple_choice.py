@@ -153,12 +153,14 @@ def _continuation(tokenizer, context: str, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def _cloze_picks(model, tokenizer, contexts: list[list[int]], choices: list[list[list[int]]],
-                 lengths: list[list[int]]) -> list[int]:
-    """The choice of each item with the highest log-likelihood per character (lm-eval's ``acc_norm``).
+def choice_picks(model, tokenizer, contexts: list[list[int]], choices: list[list[list[int]]],
+                 lengths: list[list[int]] | None = None) -> list[int]:
+    """The choice of each item with the highest log-likelihood of its tokens after the item's context,
+    divided by ``lengths`` (characters: lm-eval's ``acc_norm``; None: the plain sum).
 
     One forward pass per item: the context followed by every choice, each choice attending to the
     context and to itself only (a 4D mask), its positions continuing the context's."""
+    lengths = lengths or [[1] * len(options) for options in choices]
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     rows, spans = [], []
     for context, options in zip(contexts, choices):
@@ -224,7 +226,7 @@ def accuracy(model, tokenizer, questions: dict[str, list[Question]], *, shots: d
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         if style == "cloze":
-            picks = _cloze_picks(model, tokenizer, [encoded[i] for i in chunk], [options[i] for i in chunk],
+            picks = choice_picks(model, tokenizer, [encoded[i] for i in chunk], [options[i] for i in chunk],
                                  [[len(c.strip()) + 1 for c in items[i][1].choices] for i in chunk])
         else:
             picks = _letter_picks(model, tokenizer, [encoded[i] for i in chunk], [len(items[i][1].choices) for i in chunk])
