@@ -64,7 +64,7 @@ class LoraController(FederatedWorkflow):
             get_method(method).bind("", pinned_shapes(module_shapes))  # fails without the module shapes
         if self.he:
             check_he_method(method)
-            if method_options and method == "flora":
+            if method == "flora" and get_method(method, **dict(method_options or {})).options.bounded:
                 raise ValueError("he: a bounded FLoRA global is re-projected by an SVD, which ciphertexts do not allow")
         check_limits(self.max_examples, max_update_norm)
         keep_args(self, locals())

@@ -53,7 +53,7 @@ class LoraRecipe(SiteRecipe):
             get_method(method, **dict(method_options or {}))
             if common.get("he"):
                 check_he_method(method)
-                if method == "flora" and method_options:
+                if method == "flora" and get_method(method, **dict(method_options or {})).options.bounded:
                     raise ValueError("--he: a bounded FLoRA global is re-projected by an SVD, which ciphertexts do "
                                      "not allow; use the exact global, or --method shared_a")
         except ValueError as e:
