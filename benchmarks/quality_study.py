@@ -18,8 +18,9 @@ strategies' server and client halves, real TenSEAL for shared-A under HE). Setti
   the mean over sites), and zero-shot.
 - Evaluation: a fixed, label-balanced test set of ``--n-test`` records, disjoint from training;
   each label scored by its log-likelihood as the answer of the training prompt (one packed forward
-  pass per record, ``multiple_choice.choice_picks``); accuracy, and the accuracy weighted by each
-  site's label mix.
+  pass per record, ``multiple_choice.choice_picks``); accuracy, its difference to FLoRA's on the
+  same seed (the same data split; paired, so the seed-to-seed swing cancels), and the accuracy
+  weighted by each site's label mix.
 - Bytes: everything the protocol moved in the run (uploads and downloads of every round; under HE
   the ciphertext wire size).
 
@@ -176,25 +177,32 @@ def table(results: dict) -> list[dict]:
                 continue
             acc = [r["accuracy"] for _, r in sorted(runs.items())]
             mean, half = ci(acc)
+            flora = {k.rsplit("/", 1)[1]: v["accuracy"] for k, v in results["runs"].items()
+                     if k.rsplit("/", 1)[0] == f"{setting}/flora"}
+            paired = [runs[seed]["accuracy"] - flora[seed] for seed in sorted(runs) if seed in flora]
+            delta = ci(paired) if paired and row != "flora" else (math.nan, math.nan)
             rows.append({"setting": setting, "ranks": ranks, "row": row, "seeds": sorted(runs), "accuracy": acc,
-                         "mean": mean, "ci": half, "mb": statistics.mean(r["bytes"] for r in runs.values()) / 1e6,
+                         "mean": mean, "ci": half, "delta": delta, "mb": statistics.mean(r["bytes"] for r in runs.values()) / 1e6,
                          "site_mean": statistics.mean(statistics.mean(r["site_weighted_accuracy"]) for r in runs.values()),
                          "train_s": statistics.mean(r.get("train_seconds", 0.0) for r in runs.values())})
     if zero:
         rows.append({"setting": "all", "ranks": (), "row": "zero_shot", "seeds": ["-"], "accuracy": [zero["accuracy"]],
-                     "mean": zero["accuracy"], "ci": math.nan, "mb": 0.0,
+                     "mean": zero["accuracy"], "ci": math.nan, "delta": (math.nan, math.nan), "mb": 0.0,
                      "site_mean": math.nan, "train_s": 0.0})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | ranks | method | accuracy (mean ± 95 % CI) | per seed | site-mix accuracy | MB moved / run | train s / run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | ranks | method | accuracy (mean ± 95 % CI) | per seed | − FLoRA, paired by seed | "
+             "site-mix accuracy | MB moved / run | train s / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci_text = "" if math.isnan(r["ci"]) else f" ± {r['ci']:.3f}"
+        d_mean, d_half = r["delta"]
+        delta = "" if math.isnan(d_mean) else f"{d_mean:+.3f}" + ("" if math.isnan(d_half) else f" ± {d_half:.3f}")
         ranks = ",".join(map(str, r["ranks"])) if len(r["ranks"]) <= 3 else "64,32,16,8,4 ×2"
         lines.append(f"| {r['setting']} | {ranks} | {LABELS[r['row']]} | {r['mean']:.3f}{ci_text} | "
-                     f"{', '.join(f'{a:.3f}' for a in r['accuracy'])} | "
+                     f"{', '.join(f'{a:.3f}' for a in r['accuracy'])} | {delta} | "
                      f"{'—' if math.isnan(r['site_mean']) else format(r['site_mean'], '.3f')} | "
                      f"{r['mb']:.1f} | {r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -220,13 +228,16 @@ def plot(rows: list[dict], path: Path) -> None:
         if zero is not None:
             ax.axhline(zero, color="grey", linestyle=":", linewidth=1)
         ax.set_xticks(range(len(mine)), [LABELS[r["row"]] for r in mine], rotation=40, ha="right", fontsize=7)
-        ax.set_title(setting, fontsize=9)
+        ax.set_title(f"{setting} (dotted: zero-shot)" if zero is not None else setting, fontsize=9)
         ax.set_ylim(0, 1)
     ax = axes[0][-1]
     for r in rows:
         if r["mb"] > 0:
             ax.scatter(r["mb"], r["mean"], color=colors(names.index(r["row"]) % 10), s=18,
                        marker={"3hom": "o", "3het": "s", "10het": "^", "3div": "D"}[r["setting"]])
+    shown = [n for n in names if any(r["row"] == n and r["mb"] > 0 for r in rows)]
+    ax.legend(handles=[plt.Line2D([], [], color=colors(names.index(n) % 10), marker="o", linestyle="", label=LABELS[n])
+                       for n in shown], fontsize=6, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("MB moved per run (log)")
     ax.set_ylabel("accuracy")
