@@ -9,8 +9,8 @@ Each run is the in-process protocol of benchmarks/quality.py (``run_federated``:
 strategies' server and client halves, real TenSEAL for shared-A under HE). Settings:
 
 - ``3hom``: 3 sites, ranks (8, 8, 8); ``3het``: ranks (4, 8, 16); ``10het``: 10 sites, ranks
-  (64, 32, 16, 8, 4) twice; ``3div``: ranks (4, 8, 16) with 4x the local steps at 2x the learning
-  rate, where the sites' A's move far from their start (the case stacking's exactness is for).
+  (64, 32, 16, 8, 4) twice; ``3div``: ranks (4, 8, 16) with 3x the local steps at 2x the learning
+  rate, meant to let the sites' A's move far from their start (the case stacking's exactness is for).
 - Rows: FedIT (kept across rounds, equal ranks only), FLoRA (exact), FLoRA bounded
   (``--global-rank``: 16 for 3 sites, 64 for 10), hlora (NVIDIA FLARE's, global rank = the largest
   site rank), zero-pad, nested shared-A (plain, and under HE in ``3het``), centralised (one LoRA of
