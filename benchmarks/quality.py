@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 
 import flare_lora.components.training.trainer as trainer_module
+from flare_lora.components.algorithms.averaging import zero_pad
 from flare_lora.components.algorithms.merge import lora_delta, weights_digest
 from flare_lora.components.data.prompts import encode, normalize_answer
 from flare_lora.components.data.split import dirichlet_split
@@ -328,6 +329,29 @@ class HETransport:
         return encrypted, stubs, len(msgpack.packb(wire, use_bin_type=True))
 
 
+def relative_change(start: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> float:
+    """‖A_end − A_start‖_F / ‖A_start‖_F over a site's lora_A tensors: how far training moved its A."""
+    moved = sum(float((state[k].float() - a).pow(2).sum()) for k, a in start.items())
+    norm = sum(float(a.pow(2).sum()) for a in start.values())
+    return (moved / norm) ** 0.5 if norm > 0 else 0.0
+
+
+def averaging_error(updates: list[SiteUpdate]) -> float:
+    """‖B̄·Ā − Σ p_k s_k B_k A_k‖_F / ‖Σ p_k s_k B_k A_k‖_F over a round's updates (B̄, Ā: zero-padded
+    weighted means, FedIT's with equal ranks): what averaging the factors separately loses against
+    the exact sum that stacking computes. Grows as the sites' A's move apart."""
+    total = sum(u.num_examples for u in updates)
+    p = [u.num_examples / total for u in updates]
+    averaged = lora_delta(zero_pad([u.state for u in updates], p, [u.scaling for u in updates]))
+    deltas = [lora_delta(u.state, u.scaling) for u in updates]
+    err = norm = 0.0
+    for name, approx in averaged.items():
+        exact = sum(pk * d[name] for pk, d in zip(p, deltas) if name in d)
+        err += float((approx - exact).pow(2).sum())
+        norm += float(exact.pow(2).sum())
+    return (err / norm) ** 0.5 if norm > 0 else 0.0
+
+
 def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tuple[int, ...],
                   base_digest: str, dp: dict | None = None, *, options: dict | None = None, he: bool = False,
                   scorer=None, device: str = "cpu") -> dict:
@@ -357,7 +381,7 @@ def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tup
     history, bounded = [], []
     train_seconds = 0.0
     for rnd in range(args.rounds + 1):  # the extra pass installs the last aggregate, no training
-        record = {"round": rnd, "download_bytes": [], "upload_bytes": [], "train_loss": []}
+        record = {"round": rnd, "download_bytes": [], "upload_bytes": [], "train_loss": [], "a_drift": []}
         updates = []
         for k, site in enumerate(sites):
             if transport:
@@ -373,10 +397,12 @@ def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tup
                 continue
             order_seed = seed_r if args.client_order else seed * 1000003 + rnd * 1009 + k
             cfg = dataclasses.replace(site["cfg"], seed=order_seed)
+            start_a = {key: t.detach().float().clone() for key, t in lora_state(site["model"]).items() if ".lora_A" in key}
             stats = train_lora(site["model"], tokenizer, site["train"], cfg,
                                desc=f"{method_name} {site['name']} r={cfg.rank} round {rnd}", dp=site["dp"])
             train_seconds += stats["seconds"]
             state = lora_state(site["model"])
+            record["a_drift"].append(relative_change(start_a, state))
             state = b_only(state) if method.shared_a else state
             if transport:
                 encrypted, checked, up = transport.upload(state, cfg.rank, cfg.alpha, site["name"], ranks)
@@ -389,6 +415,8 @@ def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tup
             updates.append(update)
             record["upload_bytes"].append(up)
             record["train_loss"].append(stats["train_loss"])
+        if updates and not (transport or method.shared_a or method.site_specific_init):
+            record["averaging_error"] = averaging_error(updates)
         if updates:
             if adapted is None and isinstance(method, FLoRA) and not transport:
                 names = lora_delta(updates[0].state).keys()

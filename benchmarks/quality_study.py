@@ -25,7 +25,9 @@ strategies' server and client halves, real TenSEAL for shared-A under HE). Setti
   the ciphertext wire size).
 
 Results: ``--out`` (default /tmp/flare_lora_quality/study): results.json (saved after every run; a
-rerun skips finished runs), results.md and study.png.
+rerun skips finished runs), results.md and study.png. Runs also record how far each site's A moved
+per round and, for methods whose sites share A's start, what averaging the factors lost against the
+exact sum; results.md tabulates these where the runs hold them.
 """
 
 from __future__ import annotations
@@ -208,6 +210,28 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def divergence(results: dict) -> str:
+    """How far the sites' A's moved in each round (‖ΔA‖/‖A‖, mean over sites and seeds) and what
+    averaging the factors lost against the exact sum (quality.averaging_error; methods whose sites
+    start from a shared A), for the runs that recorded them."""
+    groups: dict[str, list[list]] = {}
+    for key, run in results["runs"].items():
+        rounds = run.get("rounds") if isinstance(run.get("rounds"), list) else []
+        trained = [r for r in rounds if r.get("a_drift")]
+        if trained:
+            groups.setdefault(key.rsplit("/", 1)[0], []).append(trained)
+    if not groups:
+        return ""
+    lines = ["| setting / method | seeds | A moved, per round | averaging error, per round |", "|---|---|---|---|"]
+    for name, runs in groups.items():
+        drift = [statistics.mean(statistics.mean(run[t]["a_drift"]) for run in runs) for t in range(len(runs[0]))]
+        error = [statistics.mean(run[t]["averaging_error"] for run in runs) for t in range(len(runs[0]))
+                 if all("averaging_error" in run[t] for run in runs)]
+        lines.append(f"| {name} | {len(runs)} | {', '.join(f'{d:.3f}' for d in drift)} | "
+                     f"{', '.join(f'{e:.3f}' for e in error) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -324,7 +348,7 @@ def main(argv=None) -> int:
             q.log(f"done {key}: accuracy {out['accuracy']:.3f} ({out['wall_seconds']:.0f} s; total "
                   f"{time.perf_counter() - start:.0f} s)")
     rows = table(results)
-    md = markdown(rows)
+    md = markdown(rows) + (f"\n{drift}" if (drift := divergence(results)) else "")
     (args.out / "results.md").write_text(md)
     plot(rows, args.out / "study.png")
     print(md)
