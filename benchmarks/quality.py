@@ -339,7 +339,8 @@ def relative_change(start: dict[str, torch.Tensor], state: dict[str, torch.Tenso
 def averaging_error(updates: list[SiteUpdate]) -> float:
     """‖B̄·Ā − Σ p_k s_k B_k A_k‖_F / ‖Σ p_k s_k B_k A_k‖_F over a round's updates (B̄, Ā: zero-padded
     weighted means, FedIT's with equal ranks): what averaging the factors separately loses against
-    the exact sum that stacking computes. Grows as the sites' A's move apart."""
+    the exact sum that stacking computes. With equal ranks it grows as the sites' A's move apart;
+    with mixed ranks the padding adds its own error."""
     total = sum(u.num_examples for u in updates)
     p = [u.num_examples / total for u in updates]
     averaged = lora_delta(zero_pad([u.state for u in updates], p, [u.scaling for u in updates]))
