@@ -32,11 +32,16 @@ HE_METHODS = {"flora": ("stack", False), "shared_a": ("sum", True), "fedit": ("s
 VALUE_BOUND = 16.0  # |value| a site may encrypt (LoRA factors, small models' weights); sums are budgeted for it
 
 
-def check_he_method(method: str) -> None:
+def check_he_method(strategy) -> None:
+    """Refuses a strategy (a configured one: its options count) whose aggregation is not linear."""
+    method = strategy.name
     if method not in HE_METHODS:
         why = {"fedcdd": " (its aggregation needs norms, similarities and an SVD: nonlinear)",
                "hlora": " (its aggregation is an SVD: nonlinear)"}.get(method, "")
         raise ValueError(f"he: method {method!r} cannot aggregate ciphertexts{why}; expected one of {list(HE_METHODS)}")
+    if method == "flora" and strategy.options.bounded:
+        raise ValueError("he: a bounded FLoRA global is re-projected by an SVD, which ciphertexts do not allow; "
+                         "use the exact global, or --method shared_a")
 
 
 # --- the linear maps --------------------------------------------------------------------------

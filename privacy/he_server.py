@@ -113,7 +113,7 @@ class EncryptedRounds(_Encrypted):
     the server adds them: a site decrypts only the aggregate B_g."""
 
     def __init__(self, strategy: Strategy, ckks: Ckks):
-        check_he_method(strategy.name)
+        check_he_method(strategy)
         super().__init__(ckks)
         self.strategy = strategy
         self.kind, self.pad = HE_METHODS[strategy.name]

@@ -199,7 +199,7 @@ def test_he_after_client_dp(keys):
 
 def test_fedcdd_has_no_encrypted_form():
     with pytest.raises(ValueError, match="nonlinear"):
-        check_he_method("fedcdd")
+        check_he_method(get_method("fedcdd"))
 
 
 def test_bad_updates_are_rejected_with_the_reason(keys, tmp_path):

@@ -27,6 +27,16 @@ from flare_lora.privacy.he_server import EncryptedRounds
 RESULT_META = ("num_examples", "rank", "alpha", "merged_rounds", "base_digest", "train")
 
 
+def check_method(method: str, options: dict | None, module_shapes, he: bool) -> None:
+    """At config time: unknown options, shared-A without the module shapes, a method (with its
+    options) that cannot aggregate ciphertexts."""
+    strategy = get_method(method, **(options or {}))
+    if method == "shared_a":
+        strategy.bind("", pinned_shapes(module_shapes))
+    if he:
+        check_he_method(strategy)
+
+
 class LoraController(FederatedWorkflow):
     def __init__(
         self,
@@ -59,13 +69,7 @@ class LoraController(FederatedWorkflow):
         super().__init__(*args, **kwargs)
         if method not in METHODS:  # "full" is one-shot only: its updates are not LoRA factors
             raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
-        get_method(method, **(method_options or {}))  # fail at config time on an unknown option
-        if method == "shared_a":
-            get_method(method).bind("", pinned_shapes(module_shapes))  # fails without the module shapes
-        if self.he:
-            check_he_method(method)
-            if method == "flora" and get_method(method, **dict(method_options or {})).options.bounded:
-                raise ValueError("he: a bounded FLoRA global is re-projected by an SVD, which ciphertexts do not allow")
+        check_method(method, method_options, module_shapes, self.he)
         check_limits(self.max_examples, max_update_norm)
         keep_args(self, locals())
         self.site_configs = site_configs or {}

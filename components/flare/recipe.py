@@ -50,12 +50,9 @@ class LoraRecipe(SiteRecipe):
             rest with N(0, mask_sigma^2); mask_importance "entry" or "column". Not differential privacy.
         """
         try:
-            get_method(method, **dict(method_options or {}))
+            strategy = get_method(method, **dict(method_options or {}))
             if common.get("he"):
-                check_he_method(method)
-                if method == "flora" and get_method(method, **dict(method_options or {})).options.bounded:
-                    raise ValueError("--he: a bounded FLoRA global is re-projected by an SVD, which ciphertexts do "
-                                     "not allow; use the exact global, or --method shared_a")
+                check_he_method(strategy)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if mask_rho is not None:
