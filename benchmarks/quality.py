@@ -412,7 +412,8 @@ def run_federated(args, model_dir, data, seed: int, method_name: str, ranks: tup
             checked = method.expand(checked, rnd, cfg.rank) if method.shared_a else checked
             update = SiteUpdate(site["name"], checked, len(site["train"]), cfg.rank, cfg.alpha)
             check_update(update)
-            update.state = encrypted if transport else checked
+            if transport:  # the server aggregates the ciphertexts; the plaintext stubs were checked
+                update.state = encrypted
             updates.append(update)
             record["upload_bytes"].append(up)
             record["train_loss"].append(stats["train_loss"])
