@@ -51,12 +51,14 @@ def start_poc_services(workspace: str, gpu_ids, excluded: list[str], services: l
     _start_poc(poc_workspace=workspace, gpu_ids=gpu_ids, excluded=excluded, services_list=services)
 
 
-def wait_poc_ready(workspace: str, excluded: list[str], timeout: int, attempt_s: int = 60) -> None:
+def wait_poc_ready(workspace: str, excluded: list[str], timeout: int, attempt_s: int = 20) -> None:
     """Wait until every POC participant registered (the private half of ``nvflare poc start``).
 
-    Each try runs in a process of its own, killed after ``attempt_s``: nvflare 2.9's admin session
-    can hang for ever in ``close()`` (its connector thread waits on a connect that never resolves),
-    which would hang the caller with it. A killed try is followed by a new one until ``timeout``.
+    Each try runs in a process of its own, waits ``attempt_s`` and is killed 30 s later: nvflare
+    2.9's admin session can hang for ever in ``close()`` (its connector thread waits on a connect
+    that never resolves), which would hang the caller with it. A killed try is followed by a new one
+    until ``timeout``; tries are short so that a hung one leaves time for another within a 60 s
+    budget (a try as long as the budget left none).
     """
     deadline = time.monotonic() + timeout
     while True:
